@@ -1,0 +1,444 @@
+"""The one typed configuration of imram-dist: every default lives here.
+
+A config is a tree of dataclasses. YAML presets (configs/*.yaml) and command-line
+``key=value`` pairs override it by dotted keys (``model.steps=2``), and Ray Tune search
+spaces do the same, so no default or flag is ever defined twice. Each field's docstring
+(the string literal right under it) is its help text: ``python -m imram_dist.train --help``
+prints them.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config key, value or file that cannot be used; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """IMRAM itself (../shared/IMRAM_SPEC.md fixes the math)."""
+
+    image_dim: int = 2048
+    """Width D of the precomputed region features; must match the dataset."""
+    embed_size: int = 1024
+    """Joint embedding size d."""
+    word_dim: int = 300
+    """Word embedding size fed to the GRU."""
+    vocab_size: int = 0
+    """Vocabulary size; 0 means: take it from the dataset's vocab.json."""
+    mode: Literal["full", "text", "image"] = "full"
+    """Full-IMRAM (both directions), Text-IMRAM (words attend to regions) or Image-IMRAM."""
+    steps: int = 3
+    """Number of matching steps K."""
+    lambda_softmax: float = 9.0
+    """Attention temperature lambda (9 for Flickr30K, 11 for COCO)."""
+    renorm_query: bool = False
+    """L2-normalise the query after each memory update (off in the authors' scripts)."""
+    max_caption_len: int = 128
+    """Longest caption (tokens including <start>/<end>) the model accepts."""
+    margin: float = 0.2
+    """Hinge triplet loss margin."""
+    max_violation: bool = True
+    """Hardest in-batch negative (VSE++); False sums all violations."""
+    score_memory_mb: float = 1024.0
+    """Memory budget (MB) for one chunk of pair scoring; larger chunks are faster, and under autograd
+    each chunk is recomputed in backward (activation checkpointing) so training memory stays near it."""
+    compile_scoring: bool = False
+    """torch.compile the pair-scoring core (fuses the elementwise passes; costs a compile on first use)."""
+
+
+@dataclass
+class SynthConfig:
+    """The built-in synthetic corpus (see docs/data.md)."""
+
+    train_images: int = 2000
+    """Images in the train split (5 captions each)."""
+    dev_images: int = 200
+    """Images in the dev split."""
+    test_images: int = 200
+    """Images in the test split."""
+    regions: int = 12
+    """Regions per image R."""
+    feature_dim: int = 64
+    """Region feature width D (set model.image_dim to the same value)."""
+    seed: int = 0
+    """Generator seed: same seed, same bytes."""
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they are read."""
+
+    root: str = ""
+    """Dataset root (folder or s3:// prefix) in the imram-dist shard format; empty means the built-in synthetic corpus."""
+    cache_dir: str = "~/.cache/imram_dist"
+    """Where the synthetic corpus is generated (once) when data.root is empty."""
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    """The synthetic corpus used when data.root is empty."""
+    train_split: str = "train"
+    """Split used for training."""
+    dev_split: str = "dev"
+    """Split evaluated after each epoch for model selection."""
+    batch_size: int = 128
+    """Global batch size in (image, caption) pairs, summed over all workers."""
+    loader_workers: int = 0
+    """DataLoader worker processes per training worker."""
+    shuffle_buffer: int = 1000
+    """Pairs held in the shuffle buffer."""
+    skip_bad_samples: bool = False
+    """Skip (and count) malformed samples instead of failing."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (authors' recipe by default) and DeepSpeed."""
+
+    epochs: int = 30
+    """Training epochs."""
+    lr: float = 2e-4
+    """Initial learning rate lr0."""
+    lr_update: int = 15
+    """Multiply the learning rate by 0.1 every lr_update epochs."""
+    grad_clip: float = 2.0
+    """Global gradient-norm clipping."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision; fp16 (with loss scaling) needs GPUs."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0, 1 or 2."""
+    seed: int = 0
+    """Seed for initialisation and data order."""
+    log_every: int = 50
+    """Print a progress line every N steps within an epoch."""
+    fail_at_step: int = -1
+    """Fault-injection drill: kill rank fail_rank at this global step, once (-1: never)."""
+    fail_rank: int = 1
+    """Rank that the fault-injection drill kills."""
+
+
+@dataclass
+class ClusterConfig:
+    """Ray: where and how many workers."""
+
+    address: str = ""
+    """Ray cluster address; empty starts (or joins) a local cluster."""
+    num_workers: int = 2
+    """Training workers (one per GPU on GPU clusters)."""
+    use_gpu: bool = False
+    """One GPU per worker, nccl; otherwise CPU and gloo."""
+    cpus_per_worker: int = 1
+    """CPUs reserved for each worker."""
+
+
+@dataclass
+class RunConfig:
+    """Run identity, storage and fault tolerance."""
+
+    name: str = "imram"
+    """Run name; rerunning with the same name and storage resumes."""
+    storage: str = "./runs"
+    """Where checkpoints and results go: a local path or s3://bucket/prefix."""
+    max_failures: int = 1
+    """Worker-group restarts from the last checkpoint before giving up."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept, ranked by dev rsum."""
+
+
+@dataclass
+class EvalConfig:
+    """Retrieval evaluation."""
+
+    protocol: Literal["f30k", "coco5k", "coco1k", "1to1", "auto"] = "auto"
+    """Protocol: f30k, coco5k, coco1k (5 folds), 1to1, or auto (5 captions per image if they fit, else 1:1)."""
+    split: str = "test"
+    """Split to evaluate."""
+    image_batch: int = 128
+    """Images encoded per batch."""
+    block_images: int = 128
+    """Images per scoring block."""
+    block_captions: int = 640
+    """Captions per scoring block."""
+    fold_images: int = 1000
+    """Images per fold for the coco1k protocol (folds are taken in order from the split)."""
+    memmap_mb: int = 1024
+    """Keep the images x captions score matrix in a .npy memmap on disk when it is larger than this (MB)."""
+    report_queries: int = 20
+    """Queries per direction sampled into the --report files."""
+    seed: int = 0
+    """Seed for sampling the --report queries."""
+
+
+@dataclass
+class Config:
+    """Everything a run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Ray."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run identity and storage."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+
+
+# ---------------------------------------------------------------------------------------
+# Loading, overriding, printing
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # source not available (e.g. frozen app)
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check (and, for int->float, widen) one value against its declared type."""
+    if isinstance(value, CliText):
+        value = _from_text(key, value, tp)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {list(choices)}, got {str(value)!r}")
+        return choices[choices.index(value)]
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any], prefix: str = "") -> None:
+    """Apply a nested dict or flat dotted-key dict to a config, in place, type-checked."""
+    hints = _field_types(type(cfg))
+    for raw_key, value in overrides.items():
+        head, _, rest = str(raw_key).partition(".")
+        full = f"{prefix}{head}"
+        if head not in hints:
+            known = ", ".join(f"{prefix}{k}" for k in hints)
+            raise ConfigError(f"unknown config key {full!r} (known here: {known})")
+        current = getattr(cfg, head)
+        if dataclasses.is_dataclass(current):
+            if rest:
+                apply_overrides(current, {rest: value}, prefix=f"{full}.")
+            elif isinstance(value, dict):
+                apply_overrides(current, value, prefix=f"{full}.")
+            else:
+                raise ConfigError(f"{full}: is a section; expected a mapping, got {value!r}")
+        else:
+            if rest:
+                raise ConfigError(f"unknown config key {full}.{rest!r}: {full} is not a section")
+            setattr(cfg, head, _coerce(full, value, hints[head]))
+
+
+class CliText(str):
+    """A value typed on the command line: converted by the declared type of its key, so
+    ``run.name=123`` stays a string and ``train.lr=1e-3`` becomes a float."""
+
+
+def _from_text(key: str, text: CliText, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if text in ("null", "none", "None", "~") and type(None) in typing.get_args(tp):
+            return None
+        for arg in typing.get_args(tp):
+            if arg is not type(None):
+                try:
+                    return _from_text(key, text, arg)
+                except ConfigError:
+                    pass
+        raise ConfigError(f"{key}: expected {tp}, got {str(text)!r}")
+    if tp is bool:
+        lowered = text.lower()
+        if lowered in ("true", "yes", "1", "on"):
+            return True
+        if lowered in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {str(text)!r}")
+    try:
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+    except ValueError:
+        kind = "an integer" if tp is int else "a number"
+        raise ConfigError(f"{key}: expected {kind}, got {str(text)!r}") from None
+    return str(text)
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A preset name (``f30k``) or a YAML file path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = PRESETS_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    raise ConfigError(f"config file {name_or_path!r} not found (presets: {presets})")
+
+
+def load_config(preset: str | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Defaults, then a YAML preset or file, then dotted ``key=value`` overrides."""
+    cfg = Config()
+    if preset:
+        path = preset_path(preset)
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        try:
+            apply_overrides(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    if isinstance(overrides, dict):
+        apply_overrides(cfg, overrides)
+    else:
+        for item in overrides or []:
+            key, sep, text = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"expected key=value, got {item!r}")
+            apply_overrides(cfg, {key.strip(): CliText(text.strip())})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express."""
+    checks = [
+        ("model.steps", cfg.model.steps >= 1, "at least 1"),
+        ("model.embed_size", cfg.model.embed_size >= 1, "positive"),
+        ("model.image_dim", cfg.model.image_dim >= 1, "positive"),
+        ("model.lambda_softmax", cfg.model.lambda_softmax > 0, "positive"),
+        ("model.margin", cfg.model.margin >= 0, "non-negative"),
+        ("train.zero_stage", cfg.train.zero_stage in (0, 1, 2), "0, 1 or 2"),
+        ("train.epochs", cfg.train.epochs >= 1, "at least 1"),
+        ("train.grad_accum", cfg.train.grad_accum >= 1, "at least 1"),
+        ("train.lr", cfg.train.lr > 0, "positive"),
+        ("train.lr_update", cfg.train.lr_update >= 1, "at least 1"),
+        ("cluster.num_workers", cfg.cluster.num_workers >= 1, "at least 1"),
+        ("data.batch_size", cfg.data.batch_size >= 2, "at least 2"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key}: expected {expected}, got {_get(cfg, key)!r}")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from to_dict output (e.g. saved in a checkpoint)."""
+    cfg = Config()
+    apply_overrides(cfg, data)
+    return cfg
+
+
+def flat_keys(cfg: Any = None, prefix: str = "") -> dict[str, tuple[Any, str, Any]]:
+    """Every leaf key -> (default value, help text, type), in declaration order."""
+    cfg = Config() if cfg is None else cfg
+    out: dict[str, tuple[Any, str, Any]] = {}
+    docs = field_docs(type(cfg))
+    hints = _field_types(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flat_keys(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = (value, docs.get(f.name, ""), hints[f.name])
+    return out
+
+
+def help_text(cfg: Config | None = None) -> str:
+    """All keys with defaults and docs, for --help."""
+    lines = []
+    for key, (value, doc, _) in flat_keys(cfg).items():
+        lines.append(f"  {key}={value!r}\n      {doc}")
+    return "\n".join(lines)
+
+
+def parse_cli(argv: list[str], prog: str, description: str) -> Config:
+    """``[--config FILE|PRESET] [key=value ...]`` -> Config; ``--help`` lists every key."""
+    preset = None
+    overrides: list[str] = []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            print(f"usage: python -m {prog} [--config PRESET_OR_FILE] [key=value ...]\n\n{description}\n")
+            print(f"presets: {sorted(p.stem for p in PRESETS_DIR.glob('*.yaml'))}\n\nkeys:")
+            print(help_text())
+            raise SystemExit(0)
+        if arg == "--config":
+            if not args:
+                raise ConfigError("--config needs a preset name or a YAML file")
+            preset = args.pop(0)
+        elif arg.startswith("--config="):
+            preset = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    return load_config(preset, overrides)
