@@ -77,6 +77,24 @@ class SynthConfig:
     """Region feature width D (set model.image_dim to the same value)."""
     seed: int = 0
     """Generator seed: same seed, same bytes."""
+    object_types: int = 24
+    """Distinct object nouns (each with a synonym or two); at most 24."""
+    attribute_types: int = 10
+    """Distinct attribute adjectives (colours, sizes, materials); at most 10."""
+    min_objects: int = 2
+    """Fewest objects in one image."""
+    max_objects: int = 4
+    """Most objects in one image (each fills 1-2 regions; the rest are distractors)."""
+    twin_fraction: float = 0.5
+    """Fraction of images that come as attribute-swapped twins (same objects, attributes permuted)."""
+    omit_prob: float = 0.2
+    """Probability that a caption leaves one of the image's objects out."""
+    noise: float = 0.3
+    """Standard deviation of the Gaussian noise added to every region feature."""
+    samples_per_shard: int = 250
+    """Images per shard file."""
+    dtype: Literal["float16", "float32"] = "float16"
+    """Stored region feature dtype."""
 
 
 @dataclass
@@ -143,6 +161,8 @@ class ClusterConfig:
     """One GPU per worker, nccl; otherwise CPU and gloo."""
     cpus_per_worker: int = 1
     """CPUs reserved for each worker."""
+    torch_threads: int = 0
+    """torch intra-op threads per worker; 0: cluster.cpus_per_worker."""
 
 
 @dataclass
@@ -157,6 +177,8 @@ class RunConfig:
     """Worker-group restarts from the last checkpoint before giving up."""
     keep_checkpoints: int = 2
     """Checkpoints kept, ranked by dev rsum."""
+    export_path: str = ""
+    """Consolidated fp32 inference checkpoint of the best epoch; empty: <storage>/<name>/model_best.pt (for s3 storage: ./exports/<name>/model_best.pt, also uploaded there)."""
 
 
 @dataclass

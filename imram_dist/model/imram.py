@@ -1,0 +1,202 @@
+"""The IMRAM model: encoders, the two MDUs and all-pairs scoring (chunked, checkpointed)."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from imram_dist.config import ModelConfig
+
+from . import scoring
+from .encoders import ImageEncoder, TextEncoder
+
+MODES = ("full", "text", "image")
+
+
+class ModelInputError(ValueError):
+    """An input tensor the model cannot score; the message says what was expected."""
+
+
+def _check_config(config: ModelConfig) -> None:
+    problems = []
+    if config.mode not in MODES:
+        problems.append(f"mode: expected one of {list(MODES)}, got {config.mode!r}")
+    for key in ("image_dim", "embed_size", "word_dim", "steps", "max_caption_len"):
+        if not isinstance(getattr(config, key), int) or getattr(config, key) < 1:
+            problems.append(f"{key}: expected a positive integer, got {getattr(config, key)!r}")
+    if not isinstance(config.vocab_size, int) or config.vocab_size < 1:
+        problems.append(f"vocab_size: expected a positive integer (0 means 'from the dataset' and must be "
+                        f"resolved before building the model), got {config.vocab_size!r}")
+    if not config.lambda_softmax > 0:
+        problems.append(f"lambda_softmax: expected a positive number, got {config.lambda_softmax!r}")
+    if not config.score_memory_mb > 0:
+        problems.append(f"score_memory_mb: expected a positive number, got {config.score_memory_mb!r}")
+    if problems:
+        raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+
+class IMRAM(nn.Module):
+    """IMRAM (Chen et al., CVPR 2020) as fixed by IMRAM_SPEC.md.
+
+    Parameter names follow the authors' SCAN class (img_enc.fc_local, txt_enc.embed, txt_enc.rnn,
+    linear_t2i, gate_t2i, linear_i2t, gate_i2t). Both MDUs always exist (as in the authors' code),
+    whatever the mode, so checkpoints are interchangeable between modes.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        _check_config(config)
+        self.config = config
+        d = config.embed_size
+        self.img_enc = ImageEncoder(config.image_dim, d)
+        self.txt_enc = TextEncoder(config.vocab_size, config.word_dim, d)
+        self.linear_t2i = nn.Linear(2 * d, d)
+        self.gate_t2i = nn.Linear(2 * d, d)
+        self.linear_i2t = nn.Linear(2 * d, d)
+        self.gate_i2t = nn.Linear(2 * d, d)
+        self._block = scoring.score_block
+        if config.compile_scoring:
+            self._block = torch.compile(scoring.score_block, dynamic=True)
+
+    # ------------------------------------------------------------------ encoders
+    def encode_images(self, regions: torch.Tensor) -> torch.Tensor:
+        """regions [N, R, image_dim] float -> [N, R, embed_size], each region L2-normalised."""
+        D = self.config.image_dim
+        if not isinstance(regions, torch.Tensor) or regions.dim() != 3 or regions.shape[-1] != D:
+            shape = tuple(regions.shape) if isinstance(regions, torch.Tensor) else type(regions).__name__
+            raise ModelInputError(f"regions: expected a float tensor [N, R, {D}] (image_dim={D}), got {shape}")
+        if not regions.is_floating_point():
+            raise ModelInputError(f"regions: expected a floating-point tensor, got dtype {regions.dtype}")
+        if regions.shape[1] < 1:
+            raise ModelInputError("regions: expected at least one region per image, got R=0")
+        if regions.numel() and not bool(torch.isfinite(regions).all()):
+            raise ModelInputError("regions: expected finite features, found NaN or Inf")
+        w = self.img_enc.fc_local.weight
+        dtype = regions.dtype if torch.is_autocast_enabled(w.device.type) else w.dtype
+        return self.img_enc(regions.to(device=w.device, dtype=dtype))
+
+    def encode_captions(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """tokens [M, L] long (<start> ... <end>, padded), lengths [M] -> [M, L, embed_size].
+
+        A caption needs length >= 1 (a bare <start><end> caption, length 2, is fine) and at most
+        min(L, max_caption_len) tokens; ids at positions >= length are ignored (may hold anything)."""
+        device = self.txt_enc.embed.weight.device
+        tokens, lengths = self._check_tokens(tokens, lengths)
+        tokens, lengths = tokens.to(device), lengths.to(device)
+        valid = torch.arange(tokens.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)
+        tokens = torch.where(valid, tokens, torch.zeros((), dtype=tokens.dtype, device=device))
+        return self.txt_enc(tokens, lengths)
+
+    def _check_tokens(self, tokens, lengths):
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point() \
+                or tokens.dtype == torch.bool:
+            got = (f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor)
+                   else type(tokens).__name__)
+            raise ModelInputError(f"tokens: expected an integer tensor [M, L], got {got}")
+        lengths = self._check_lengths(lengths, tokens.shape[0], tokens.shape[1], "tokens")
+        V = self.config.vocab_size
+        if tokens.numel():
+            valid = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0) < \
+                lengths.to(tokens.device).unsqueeze(1)
+            bad = valid & ((tokens < 0) | (tokens >= V))
+            if bool(bad.any()):
+                i, j = (int(x) for x in bad.nonzero()[0])
+                raise ModelInputError(f"tokens: expected ids in [0, {V}) (vocab_size={V}), got "
+                                      f"{int(tokens[i, j])} at caption {i}, position {j}")
+        return tokens.long(), lengths
+
+    def _check_lengths(self, lengths, M: int, L: int, what: str) -> torch.Tensor:
+        if not isinstance(lengths, torch.Tensor):
+            lengths = torch.as_tensor(lengths)
+        if lengths.dim() != 1 or lengths.is_floating_point() or lengths.dtype == torch.bool:
+            raise ModelInputError(f"lengths: expected a 1-D integer tensor [M], got {tuple(lengths.shape)} "
+                                  f"{lengths.dtype}")
+        if lengths.shape[0] != M:
+            raise ModelInputError(f"lengths: expected one length per caption ({what} has M={M}), "
+                                  f"got {lengths.shape[0]}")
+        if M:
+            lo, hi = int(lengths.min()), int(lengths.max())
+            cap = min(L, self.config.max_caption_len)
+            if lo < 1:
+                raise ModelInputError(f"lengths: expected every caption to have at least 1 token, got "
+                                      f"length {lo} (empty caption)")
+            if hi > cap:
+                why = (f"max_caption_len={self.config.max_caption_len}" if cap < L
+                       else f"the padded width L={L}")
+                raise ModelInputError(f"lengths: expected at most {cap} tokens per caption ({why}), got {hi}")
+        return lengths.long()
+
+    # ------------------------------------------------------------------ scoring
+    def similarity(self, image_emb: torch.Tensor, caption_emb: torch.Tensor, lengths) -> torch.Tensor:
+        """All-pairs scores [N, M] of encoded images [N, R, d] and captions [M, L, d].
+
+        Differentiable (chunks are recomputed in backward when there is more than one) and also
+        fine under torch.no_grad(); computes in the embeddings' dtype on their device."""
+        d = self.config.embed_size
+        for name, t in (("image_emb", image_emb), ("caption_emb", caption_emb)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[-1] != d or not t.is_floating_point():
+                got = (f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__)
+                raise ModelInputError(f"{name}: expected a float tensor [*, *, {d}] (embed_size={d}), got {got}")
+        if image_emb.shape[1] < 1:
+            raise ModelInputError("image_emb: expected at least one region per image, got R=0")
+        N, R, _ = image_emb.shape
+        M, L, _ = caption_emb.shape
+        lengths = self._check_lengths(lengths, M, L, "caption_emb")
+        dtype = torch.promote_types(image_emb.dtype, caption_emb.dtype)
+        device = image_emb.device
+        V = image_emb.to(dtype)
+        W = caption_emb.to(device=device, dtype=dtype)
+        if N == 0 or M == 0:
+            return V.new_zeros(N, M)
+        lengths = lengths.to(device)
+        c = self.config
+        text, image = c.mode in ("full", "text"), c.mode in ("full", "image")
+        mdu_t = tuple(t.to(dtype) for t in scoring.split_mdu(self.gate_t2i, self.linear_t2i)) if text else None
+        mdu_i = tuple(t.to(dtype) for t in scoring.split_mdu(self.gate_i2t, self.linear_i2t)) if image else None
+        p = scoring.prepare(V, W, lengths, text, image, c.steps, mdu_t, mdu_i)
+        grad = torch.is_grad_enabled() and (V.requires_grad or W.requires_grad or any(
+            q.requires_grad for q in self.parameters()))
+        mean_words = p.offsets[-1] / M
+        per_pair = scoring.bytes_per_pair(R, mean_words, L, d, c.steps, text, image,
+                                          V.element_size(), grad)
+        pairs = max(1, int(c.score_memory_mb * 2**20 // per_pair))
+        m_blk = min(M, pairs)
+        n_blk = min(N, max(1, pairs // m_blk))
+        n_chunks = math.ceil(N / n_blk) * math.ceil(M / m_blk)
+        fn = functools.partial(self._block, text=text, image=image, steps=c.steps,
+                               lam=float(c.lambda_softmax), renorm=bool(c.renorm_query))
+        Wx_t = mdu_t[0] if text else None
+        Wx_i = mdu_i[0] if image else None
+        rows = []
+        for i0 in range(0, N, n_blk):
+            i1 = min(N, i0 + n_blk)
+            cols = []
+            for j0 in range(0, M, m_blk):
+                j1 = min(M, j0 + m_blk)
+                lens = p.lengths[j0:j1]
+                Lb = int(lens.max())
+                o0, o1 = p.offsets[j0], p.offsets[j1]
+                seg = (torch.repeat_interleave(torch.arange(j1 - j0, device=device), lens)
+                       if text else None)
+
+                def sl(t, a, b, *more):
+                    return None if t is None else t[(slice(a, b),) + more]
+
+                args = (V[i0:i1], p.Vn[i0:i1], sl(p.Gv, i0, i1), sl(p.VWc_t, i0, i1), sl(p.VWx_i, i0, i1),
+                        p.W[j0:j1, :Lb], p.mask[j0:j1, :Lb], sl(p.Gw, j0, j1, slice(0, Lb), slice(0, Lb)),
+                        sl(p.WWc_i, j0, j1, slice(0, Lb)), sl(p.Wp, o0, o1), sl(p.Wpn, o0, o1),
+                        sl(p.WpWx_t, o0, o1), seg, lens.to(dtype), Wx_t, Wx_i)
+                if grad and n_chunks > 1:
+                    cols.append(checkpoint(fn, *args, use_reentrant=False))
+                else:
+                    cols.append(fn(*args))
+            rows.append(cols[0] if len(cols) == 1 else torch.cat(cols, 1))
+        return rows[0] if len(rows) == 1 else torch.cat(rows, 0)
+
+    def forward(self, regions: torch.Tensor, tokens: torch.Tensor, lengths) -> torch.Tensor:
+        """Encode and score all pairs: [N, M]."""
+        return self.similarity(self.encode_images(regions), self.encode_captions(tokens, lengths), lengths)

@@ -1,0 +1,203 @@
+"""Fast all-pairs IMRAM scoring (IMRAM_SPEC.md, "Cross attention" .. "Iterative matching").
+
+Exact algebra, no approximation (see docs/model.md, "Factorisation"):
+  * W [x ; c] = W_x x + W_c c, and c = weights @ C, so W_c c = weights @ (C W_c^T): the context half
+    of each MDU is projected once per image (regions) / per caption (words), never per pair.
+  * The first-step query projection W_x x_0 + b is also per image / per caption.
+  * The first-step raw attention C x_0^T of every pair comes from ONE matmul (all regions x all words),
+    and it doubles as the cosine numerator of every step: x_0 . c_k = weights_k @ (C x_0^T).
+  * |c_k|^2 = weights_k G weights_k^T with the per-image / per-caption Gram matrix G = C C^T, so the
+    attended vectors c_k are never materialised.
+  * No MDU after the last step (its output is unused).
+Only the later-step query projections W_x x_k (k >= 1) are paid per pair, as one big matmul over
+(pairs x query rows) x d.
+
+Layouts inside a block of n images x m captions:
+  * text direction (query = words, context = regions): the block's real words are packed
+    ([T] = all words of the m captions, no padding), tensors are [n, T, ...];
+  * image direction (query = regions, context = words): tensors are [m, n*R, ...], caption-major,
+    so that every per-caption operand is one batched matmul; words are padded to the block's
+    longest caption and masked out of the softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-8
+TINY = 1e-30  # floor under squared norms before sqrt: keeps gradients finite, never changes a value
+
+
+def _l2norm(x: torch.Tensor) -> torch.Tensor:
+    return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + EPS)
+
+
+def gate_update(pre: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """MDU output g * q + (1 - g) * o = q + u * (o - q) with u = 1 - g = sigmoid(pre[..., :d]) (the gate
+    rows are stored negated, see split_mdu) and o = tanh(pre[..., d:])."""
+    d = q.shape[-1]
+    if torch.is_grad_enabled():
+        return torch.lerp(q, torch.tanh(pre[..., d:]), torch.sigmoid(pre[..., :d]))
+    # no autograd: everything in place inside pre (a fresh temporary owned by the caller), no new
+    # allocation; the result is a strided view on pre's second half
+    u = pre[..., :d].sigmoid_()
+    return pre[..., d:].tanh_().sub_(q).mul_(u).add_(q)
+
+
+@dataclass
+class Prepared:
+    """Per-image and per-caption tensors computed once per similarity() call."""
+
+    # images
+    V: torch.Tensor  # [N, R, d]
+    Vn: torch.Tensor  # [N, R] region norms
+    Gv: torch.Tensor | None  # [N, R, R] region Gram (text direction)
+    VWc_t: torch.Tensor | None  # [N, R, 2d] regions through W_c (+ b) of the t2i MDU
+    VWx_i: torch.Tensor | None  # [N, R, 2d] regions through W_x of the i2t MDU
+    # captions, padded (image direction)
+    W: torch.Tensor  # [M, L, d] words, padded rows zeroed
+    mask: torch.Tensor  # [M, L] bool
+    Gw: torch.Tensor | None  # [M, L, L] word Gram (image direction)
+    WWc_i: torch.Tensor | None  # [M, L, 2d] words through W_c (+ b) of the i2t MDU
+    # captions, packed (text direction)
+    Wp: torch.Tensor | None  # [T, d] real words, caption after caption
+    Wpn: torch.Tensor | None  # [T] their norms
+    WpWx_t: torch.Tensor | None  # [T, 2d] words through W_x of the t2i MDU
+    lengths: torch.Tensor  # [M] long, on the compute device
+    offsets: list[int]  # word offsets of each caption in the packed tensors (M + 1 entries)
+
+
+def split_mdu(gate: torch.nn.Linear, linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack (negated) gate and candidate linears: W_x [2d, d] (query half), W_c [2d, d] (context
+    half), b [2d].
+
+    The authors' MDU concatenates [query ; attended] (query first), so columns :d act on the query."""
+    d = gate.out_features
+    # gate rows negated: sigmoid(-z) = 1 - g is what gate_update consumes
+    w = torch.cat([-gate.weight, linear.weight], 0)
+    return w[:, :d].contiguous(), w[:, d:].contiguous(), torch.cat([-gate.bias, linear.bias], 0)
+
+
+def prepare(V: torch.Tensor, W: torch.Tensor, lengths: torch.Tensor, text: bool, image: bool,
+            steps: int, mdu_t: tuple | None, mdu_i: tuple | None) -> Prepared:
+    N, R, d = V.shape
+    M, L, _ = W.shape
+    mask = torch.arange(L, device=W.device).unsqueeze(0) < lengths.unsqueeze(1)
+    W = torch.where(mask.unsqueeze(-1), W, torch.zeros((), dtype=W.dtype, device=W.device))
+    Vn = torch.linalg.vector_norm(V, dim=-1)
+    more = steps > 1
+    Gv = VWc_t = VWx_i = Gw = WWc_i = Wp = Wpn = WpWx_t = None
+    len_list = lengths.tolist()
+    offsets = [0]
+    for n_words in len_list:
+        offsets.append(offsets[-1] + n_words)
+    if text:
+        Gv = torch.bmm(V, V.transpose(1, 2))
+        Wp = W[mask]  # [T, d], row-major order = caption after caption
+        Wpn = torch.linalg.vector_norm(Wp, dim=-1)
+        if more:
+            Wx_t, Wc_t, b_t = mdu_t
+            # the bias rides on the context projection: attention weights sum to 1 over the context
+            VWc_t = torch.addmm(b_t, V.reshape(N * R, d), Wc_t.t()).view(N, R, 2 * d)
+            WpWx_t = Wp @ Wx_t.t()
+    if image:
+        Gw = torch.bmm(W, W.transpose(1, 2))
+        if more:
+            Wx_i, Wc_i, b_i = mdu_i
+            VWx_i = (V.reshape(N * R, d) @ Wx_i.t()).view(N, R, 2 * d)
+            WWc_i = torch.addmm(b_i, W.reshape(M * L, d), Wc_i.t()).view(M, L, 2 * d)
+    return Prepared(V, Vn, Gv, VWc_t, VWx_i, W, mask, Gw, WWc_i, Wp, Wpn, WpWx_t, lengths, offsets)
+
+
+def text_direction(V, Gv, VWc, Wp, Wpn, WpWx, seg, lens, Wx, *, m: int, steps: int, lam: float,
+                   renorm: bool) -> torch.Tensor:
+    """Text-IMRAM for n images x m captions whose T real words are packed in Wp; returns [n, m]."""
+    n, R, d = V.shape
+    T = Wp.shape[0]
+    S0 = (V.reshape(n * R, d) @ Wp.t()).view(n, R, T).transpose(1, 2).contiguous()  # [n, T, R]
+    score = V.new_zeros(n, m)
+    X = None
+    for k in range(steps):
+        A = S0 if k == 0 else torch.bmm(X, V.transpose(1, 2))
+        A = F.leaky_relu(A, 0.1)
+        # L2 over the query axis = over the words of each caption (segment sum over T)
+        sq = V.new_zeros(n, m, R).index_add_(1, seg, A * A)
+        A = A / (sq.clamp_min(TINY).sqrt().index_select(1, seg) + EPS)
+        wts = torch.softmax(A * lam, dim=-1)  # over regions
+        num = (wts * S0).sum(-1)  # [n, T] = word . attended
+        c2 = (torch.bmm(wts, Gv) * wts).sum(-1)  # |attended|^2
+        cos = num / (Wpn * c2.clamp_min(TINY).sqrt()).clamp_min(EPS)
+        score = score + V.new_zeros(n, m).index_add_(1, seg, cos) / lens
+        if k + 1 < steps:
+            if k == 0:
+                pre = torch.baddbmm(WpWx.unsqueeze(0), wts, VWc)
+                q = Wp.unsqueeze(0)
+            else:
+                pre = (X.reshape(n * T, d) @ Wx.t()).view(n, T, 2 * d).baddbmm_(wts, VWc)
+                q = X
+            X = gate_update(pre, q)
+            if renorm:
+                X = _l2norm(X) if torch.is_grad_enabled() else X.div_(
+                    torch.linalg.vector_norm(X, dim=-1, keepdim=True).add_(EPS))
+    return score
+
+
+def image_direction(V, Vn, VWx, W, mask, Gw, WWc, Wx, *, steps: int, lam: float,
+                    renorm: bool) -> torch.Tensor:
+    """Image-IMRAM for n images x m captions (words padded to L, masked); returns [n, m]."""
+    n, R, d = V.shape
+    m, L, _ = W.shape
+    S0 = (W.reshape(m * L, d) @ V.reshape(n * R, d).t()).view(m, L, n * R).transpose(1, 2).contiguous()
+    neg = ~mask.view(m, 1, 1, L)
+    score = V.new_zeros(m, n)
+    X = None
+    for k in range(steps):
+        A = S0 if k == 0 else torch.bmm(X, W.transpose(1, 2))  # [m, nR, L]
+        A = F.leaky_relu(A, 0.1).view(m, n, R, L)
+        A = A / (A.pow(2).sum(2, keepdim=True).clamp_min(TINY).sqrt() + EPS)  # over regions
+        wts = torch.softmax((A * lam).masked_fill(neg, float("-inf")), dim=-1).view(m, n * R, L)
+        num = (wts * S0).sum(-1)  # [m, nR]
+        c2 = (torch.bmm(wts, Gw) * wts).sum(-1)
+        cos = num / (Vn.reshape(1, n * R) * c2.clamp_min(TINY).sqrt()).clamp_min(EPS)
+        score = score + cos.view(m, n, R).mean(-1)
+        if k + 1 < steps:
+            if k == 0:
+                pre = torch.baddbmm(VWx.reshape(1, n * R, 2 * d), wts, WWc)
+                q = V.reshape(1, n * R, d)
+            else:
+                pre = (X.reshape(m * n * R, d) @ Wx.t()).view(m, n * R, 2 * d).baddbmm_(wts, WWc)
+                q = X
+            X = gate_update(pre, q)
+            if renorm:
+                X = _l2norm(X) if torch.is_grad_enabled() else X.div_(
+                    torch.linalg.vector_norm(X, dim=-1, keepdim=True).add_(EPS))
+    return score.t()
+
+
+def score_block(V, Vn, Gv, VWc_t, VWx_i, W, mask, Gw, WWc_i, Wp, Wpn, WpWx_t, seg, lens,
+                Wx_t, Wx_i, *, text: bool, image: bool, steps: int, lam: float,
+                renorm: bool) -> torch.Tensor:
+    """Scores [n, m] of one block; every tensor argument is already sliced to the block."""
+    m = W.shape[0]
+    out = None
+    if text:
+        out = text_direction(V, Gv, VWc_t, Wp, Wpn, WpWx_t, seg, lens, Wx_t, m=m, steps=steps,
+                             lam=lam, renorm=renorm)
+    if image:
+        s = image_direction(V, Vn, VWx_i, W, mask, Gw, WWc_i, Wx_i, steps=steps, lam=lam,
+                            renorm=renorm)
+        out = s if out is None else out + s
+    return out
+
+
+def bytes_per_pair(R: int, mean_words: float, L: int, d: int, steps: int, text: bool, image: bool,
+                   elem: int, grad: bool) -> float:
+    """Working-set estimate of one pair inside a block (what sizes the chunks)."""
+    rows = (R if image else 0) + (mean_words if text else 0)
+    att = (R * L if image else 0) + (R * mean_words if text else 0)
+    if grad:  # everything autograd saves for K steps (recomputed per chunk in backward)
+        return elem * (rows * d * (8 * max(steps - 1, 0) + 2) + att * 10 * steps)
+    return elem * (rows * d * 6 + att * 8)
