@@ -1,0 +1,166 @@
+"""Reading speed of the shard loaders at paper sizes (36 x 2048 float16 regions, 5 captions),
+from local disk and from S3 (a moto server started here), next to the rate at which a
+full-IMRAM paper-size training step consumes samples (imram_dist.model.IMRAM, d=1024, K=3).
+
+    python benchmarks/bench_data.py [--quick] [--images N] [--train-batch B]
+
+Target: one reader (one process, no DataLoader workers) delivers >= 5x what one training
+worker consumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from imram_dist.data import TrainPairs, iter_shard, read_manifest  # noqa: E402
+from imram_dist.data.shards import Manifest, ShardInfo, ShardWriter, SplitInfo, write_manifest  # noqa: E402
+from imram_dist.data.tokenize import Vocabulary  # noqa: E402
+
+WORDS = "a man woman dog cat riding sitting on the red blue bike street with table near grass".split()
+
+
+def make_dataset(root, images, per_shard, R=36, D=2048):
+    rng = np.random.default_rng(0)
+    os.makedirs(root, exist_ok=True)
+    Vocabulary(WORDS).save(os.path.join(root, "vocab.json"))
+    shards = []
+    feats = rng.random((per_shard, R, D), dtype=np.float32) * 4  # reused block, like ReLU features
+    for si in range(0, images, per_shard):
+        name = f"train-{si // per_shard:05d}.tar"
+        w = ShardWriter(os.path.join(root, name), "float16")
+        for i in range(si, min(images, si + per_shard)):
+            caps = [" ".join(rng.choice(WORDS, 11)) for _ in range(5)]
+            w.write(f"train-{i:07d}", feats[i - si], caps, str(i))
+        sha, size = w.close()
+        shards.append(ShardInfo(name, w.images, w.captions, sha, size))
+    split = SplitInfo("train", images, 5 * images, 5, shards)
+    write_manifest(root, Manifest(root, R, D, "float16", "vocab.json", {"train": split}))
+
+
+def read_rate(root):
+    m = read_manifest(root)
+    t0 = time.perf_counter()
+    n = 0
+    for sh in m.splits["train"].shards:
+        for _ in iter_shard(m.shard_url(sh), name=sh.name, expect=sh, regions=36, feature_dim=2048):
+            n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def loader_rate(root, batch=128, workers=0):
+    tp = TrainPairs(root, "train", batch_size=batch, shuffle_buffer=1000, loader_workers=workers)
+    t0 = time.perf_counter()
+    pairs = sum(len(b) for b in tp)
+    dt = time.perf_counter() - t0
+    return pairs / dt / 5, pairs / dt  # images/s, pairs/s
+
+
+def train_rate(batch, threads):
+    import torch
+
+    from imram_dist.config import ModelConfig
+    from imram_dist.model import IMRAM, hinge_loss
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = IMRAM(ModelConfig(image_dim=2048, embed_size=1024, word_dim=300, vocab_size=8481, steps=3,
+                              lambda_softmax=9.0, mode="full"))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4)
+    regions = torch.rand(batch, 36, 2048)
+    lengths = torch.randint(10, 16, (batch,))
+    tokens = torch.randint(4, 8481, (batch, int(lengths.max())))
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        loss = hinge_loss(model(regions, tokens, lengths), 0.2, True)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    step = min(times)
+    return step, batch / step
+
+
+def start_moto():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(150):
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            return proc, url
+        except Exception:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("moto server did not start")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="600 images, train step at batch 16")
+    ap.add_argument("--images", type=int, default=None)
+    ap.add_argument("--per-shard", type=int, default=200)
+    ap.add_argument("--train-batch", type=int, default=None, help="batch of the measured training step")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    images = args.images or (600 if args.quick else 3000)
+    tb = args.train_batch or (16 if args.quick else 128)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.path.join(tmp, "ds")
+        t0 = time.perf_counter()
+        make_dataset(root, images, args.per_shard)
+        size = sum(os.path.getsize(os.path.join(root, f)) for f in os.listdir(root))
+        print(f"dataset: {images} images x (36 x 2048 float16 + 5 captions), {size / images / 1e3:.0f} KB/sample, "
+              f"written in {time.perf_counter() - t0:.1f}s")
+        res = {}
+        read_rate(root)  # warm the page cache
+        res["local iter_shard (decode+validate+sha256)"] = read_rate(root)
+        res["local TrainPairs (batches of 128 pairs)"] = loader_rate(root)[0]
+
+        proc, url = start_moto()
+        os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                          AWS_DEFAULT_REGION="us-east-1")
+        try:
+            import boto3
+
+            from imram_dist.data.tools import upload_dataset
+
+            boto3.client("s3").create_bucket(Bucket="bench")
+            t0 = time.perf_counter()
+            upload_dataset(root, "s3://bench/ds", progress=False)
+            print(f"upload + verify to moto: {size / (time.perf_counter() - t0) / 1e6:.0f} MB/s")
+            res["s3 iter_shard (decode+validate+sha256)"] = read_rate("s3://bench/ds")
+            res["s3 TrainPairs (batches of 128 pairs)"] = loader_rate("s3://bench/ds")[0]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+    step, rate = train_rate(tb, args.threads)
+    print(f"\nfull IMRAM paper size (d=1024, K=3, R=36, D=2048), train step at batch {tb} pairs, "
+          f"{args.threads} threads: {step:.2f} s/step = {rate:.1f} pairs/s = {rate / 5:.2f} images/s")
+    if tb < 128:
+        print(f"  (batch {tb}: scoring is B x B pairs, so at the paper's batch 128 a step costs more per pair; "
+              f"this rate is an upper bound)")
+    need = rate / 5
+    print(f"\n{'reader (1 process)':46s} {'images/s':>9s} {'pairs/s':>9s} {'x training':>10s}")
+    for name, r in res.items():
+        print(f"{name:46s} {r:9.0f} {5 * r:9.0f} {r / need:9.0f}x {'OK' if r >= 5 * need else 'BELOW 5x'}")
+
+
+if __name__ == "__main__":
+    main()

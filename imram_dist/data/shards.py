@@ -1,0 +1,352 @@
+"""The shard format: deterministic tar writer, manifest, streaming reader with validation.
+
+One sample per image, WebDataset-style (files grouped by key, the part before the first dot):
+  {key}.json  {"image_id": str, "captions": [str, ...]} (+ optional "meta")
+  {key}.npy   region features, R x D, float16 (default) or float32
+See docs/data.md for the manifest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .io import DataError, HashingReader, atomic_write_bytes, join, open_stream, read_bytes, sha256_file
+from .tokenize import Vocabulary
+
+log = logging.getLogger("imram_dist.data")
+
+FORMAT = "imram-dist-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = ("float16", "float32")
+
+
+# ---------------------------------------------------------------------------------------
+# Manifest
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    images: int
+    captions: int
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class SplitInfo:
+    name: str
+    images: int
+    captions: int
+    captions_per_image: int | None  # 5, 1, or None when it varies
+    shards: list[ShardInfo]
+
+
+@dataclass
+class Manifest:
+    root: str
+    regions: int
+    feature_dim: int
+    dtype: str
+    vocab: str
+    splits: dict[str, SplitInfo]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    vocab_sha256: str = ""
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise DataError(f"{join(self.root, MANIFEST)}: no split {name!r} (has {sorted(self.splits)})")
+        return self.splits[name]
+
+    def shard_url(self, shard: ShardInfo | str) -> str:
+        return join(self.root, shard.name if isinstance(shard, ShardInfo) else shard)
+
+    @property
+    def vocab_url(self) -> str:
+        return join(self.root, self.vocab)
+
+    def load_vocab(self) -> Vocabulary:
+        return Vocabulary.load(self.vocab_url)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "version": FORMAT_VERSION,
+            "regions": self.regions, "feature_dim": self.feature_dim, "dtype": self.dtype,
+            "vocab": self.vocab, "vocab_sha256": self.vocab_sha256,
+            "splits": {name: {"images": s.images, "captions": s.captions,
+                              "captions_per_image": s.captions_per_image,
+                              "shards": [vars(sh) for sh in s.shards]}
+                       for name, s in self.splits.items()},
+            "provenance": self.provenance,
+        }
+
+    def dumps(self) -> bytes:
+        return json.dumps(self.to_json(), indent=1, sort_keys=True).encode() + b"\n"
+
+
+def read_manifest(root: str) -> Manifest:
+    """Read ROOT/manifest.json (ROOT: a folder or s3://bucket/prefix)."""
+    root = str(root)
+    if root.endswith("/" + MANIFEST) or root == MANIFEST:
+        root = root[: -len(MANIFEST)].rstrip("/") or "."
+    url = join(root, MANIFEST)
+    try:
+        raw = read_bytes(url)
+    except FileNotFoundError:
+        raise DataError(f"{url}: no manifest (is {root!r} a converted dataset root?)") from None
+    try:
+        d = json.loads(raw)
+        if d.get("format") != FORMAT:
+            raise ValueError(f"format is {d.get('format')!r}, expected {FORMAT!r}")
+        splits = {
+            name: SplitInfo(name, int(s["images"]), int(s["captions"]), s.get("captions_per_image"),
+                            [ShardInfo(**sh) for sh in s["shards"]])
+            for name, s in d["splits"].items()
+        }
+        return Manifest(root=root, regions=int(d["regions"]), feature_dim=int(d["feature_dim"]),
+                        dtype=d["dtype"], vocab=d["vocab"], splits=splits,
+                        provenance=d.get("provenance", {}), vocab_sha256=d.get("vocab_sha256", ""))
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{url}: malformed manifest: {e}") from None
+
+
+def write_manifest(root: str, manifest: Manifest) -> None:
+    atomic_write_bytes(os.path.join(root, MANIFEST), manifest.dumps())
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_json(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
+
+
+class ShardWriter:
+    """Writes one tar shard with deterministic bytes (fixed mtime/uid/gid/mode, file order
+    json then npy per sample) to NAME.tmp; ``close()`` fsyncs, renames it to NAME and returns
+    (sha256, size). A crash never leaves a partial shard under its final name."""
+
+    def __init__(self, path: str, dtype: str = "float16"):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        self.path = path
+        self.tmp = path + ".tmp"
+        self.dtype = np.dtype(dtype)
+        self._f = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)
+        self.images = 0
+        self.captions = 0
+
+    def _add(self, name: str, data: bytes) -> None:
+        ti = tarfile.TarInfo(name)
+        ti.size = len(data)
+        ti.mtime = 0
+        ti.mode = 0o644
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = ""
+        self._tar.addfile(ti, io.BytesIO(data))
+
+    def write(self, key: str, regions: np.ndarray, captions: list[str], image_id: str,
+              meta: dict | None = None) -> None:
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+        doc: dict[str, Any] = {"image_id": str(image_id), "captions": list(captions)}
+        if meta:
+            doc["meta"] = meta
+        self._add(f"{key}.json", encode_json(doc))
+        self._add(f"{key}.npy", encode_npy(np.asarray(regions).astype(self.dtype, copy=False)))
+        self.images += 1
+        self.captions += len(captions)
+
+    def close(self) -> tuple[str, int]:
+        self._tar.close()
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+        return sha256_file(self.path), os.path.getsize(self.path)
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()
+            self._f.close()
+        finally:
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading and validation
+
+
+@dataclass
+class Sample:
+    key: str
+    image_id: str
+    captions: list[str]
+    regions: np.ndarray  # R x D as stored
+    shard: str = ""
+    meta: dict | None = None
+
+
+class BadSampleReport:
+    """Bad samples and shards met while reading (with skip_bad); messages name shard and key."""
+
+    def __init__(self, limit: int = 1000):
+        self.count = 0
+        self.messages: list[str] = []
+        self.limit = limit
+
+    def add(self, message: str) -> None:
+        self.count += 1
+        if len(self.messages) < self.limit:
+            self.messages.append(message)
+        log.warning("skipped bad data: %s", message)
+
+    def extend(self, messages: list[str]) -> None:
+        for m in messages:
+            self.count += 1
+            if len(self.messages) < self.limit:
+                self.messages.append(m)
+
+
+def decode_sample(key: str, files: dict[str, bytes], shard: str, regions: int | None,
+                  feature_dim: int | None, with_regions: bool = True) -> Sample:
+    """Parse and validate one sample; DataError naming shard and key on any defect."""
+    where = f"shard {shard}, key {key}"
+    for ext, what in (("json", "captions/image id (.json)"), ("npy", "region features (.npy)")):
+        if ext not in files:
+            raise DataError(f"{where}: missing field {what}", shard, key)
+    try:
+        doc = json.loads(files["json"])
+    except ValueError as e:
+        raise DataError(f"{where}: unreadable .json: {e}", shard, key) from None
+    caps = doc.get("captions") if isinstance(doc, dict) else None
+    if not isinstance(caps, list) or not caps:
+        raise DataError(f"{where}: no captions", shard, key)
+    for i, c in enumerate(caps):
+        if not isinstance(c, str) or not c.strip():
+            raise DataError(f"{where}: caption #{i} is empty", shard, key)
+    if "image_id" not in doc:
+        raise DataError(f"{where}: missing field image_id", shard, key)
+    arr = None
+    if with_regions:
+        try:
+            arr = np.load(io.BytesIO(files["npy"]), allow_pickle=False)
+        except Exception as e:
+            raise DataError(f"{where}: unreadable .npy: {e}", shard, key) from None
+        if arr.dtype.name not in DTYPES:
+            raise DataError(f"{where}: region features have dtype {arr.dtype}, expected one of {DTYPES}",
+                            shard, key)
+        exp = (regions, feature_dim)
+        if arr.ndim != 2 or (regions is not None and arr.shape[0] != regions) or (
+                feature_dim is not None and arr.shape[1] != feature_dim):
+            raise DataError(f"{where}: region features have shape {tuple(arr.shape)}, expected {exp} (R x D)",
+                            shard, key)
+        if not np.isfinite(arr).all():
+            raise DataError(f"{where}: region features contain NaN or Inf", shard, key)
+    return Sample(key=key, image_id=str(doc["image_id"]), captions=caps, regions=arr, shard=shard,
+                  meta=doc.get("meta"))
+
+
+def iter_shard(url: str, *, name: str | None = None, expect: ShardInfo | None = None,
+               regions: int | None = None, feature_dim: int | None = None,
+               skip_bad: bool = False, report: BadSampleReport | None = None,
+               keep: Callable[[int], bool] | None = None, with_regions: bool = True) -> Iterator[Sample]:
+    """Stream the samples of one shard (local path or s3:// URL), validating each.
+
+    ``keep(i)`` selects samples by their index in the shard (others are read but not decoded).
+    With ``expect`` the sample count and sha256 are checked when the shard ends. Errors raise
+    DataError naming the shard and key; with ``skip_bad`` they are added to ``report`` and the
+    sample (or, for a missing/corrupt shard, the rest of the shard) is skipped.
+    """
+    name = name or url.rsplit("/", 1)[-1]
+    report = report if report is not None else BadSampleReport()
+
+    def bad(msg: str, key: str = "") -> None:
+        if not skip_bad:
+            raise DataError(msg, name, key)
+        report.add(msg)
+
+    try:
+        raw = open_stream(url)
+    except FileNotFoundError:
+        bad(f"shard {name}: listed in the manifest but absent ({url})")
+        return
+    except Exception as e:
+        bad(f"shard {name}: cannot open {url}: {e}")
+        return
+    stream = HashingReader(raw)
+    index = 0
+    last_key = "(none)"
+
+    def finish(key: str, files: dict[str, bytes]):
+        nonlocal index
+        i = index
+        index += 1
+        if keep is not None and not keep(i):
+            return None
+        try:
+            return decode_sample(key, files, name, regions, feature_dim, with_regions)
+        except DataError as e:
+            bad(str(e), key)
+            return None
+
+    try:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|")
+            cur_key, files = None, {}
+            for member in tar:
+                if not member.isreg():
+                    continue
+                key, dot, ext = member.name.rpartition("/")[2].partition(".")
+                data = tar.extractfile(member).read()
+                tar.members = []
+                if key != cur_key:
+                    if cur_key is not None:
+                        s = finish(cur_key, files)
+                        last_key = cur_key
+                        if s is not None:
+                            yield s
+                    cur_key, files = key, {}
+                if ext in files:
+                    bad(f"shard {name}, key {key}: duplicate file {member.name}", key)
+                files[ext.lower()] = data
+            if cur_key is not None:
+                s = finish(cur_key, files)
+                last_key = cur_key
+                if s is not None:
+                    yield s
+            stream.drain()
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            if isinstance(e, DataError):
+                raise
+            bad(f"shard {name}: corrupt or truncated tar after key {last_key}: {type(e).__name__}: {e}",
+                last_key)
+            return
+        if expect is not None:
+            if index != expect.images:
+                bad(f"shard {name}: holds {index} samples, the manifest says {expect.images} "
+                    f"(truncated or replaced shard; last key {last_key})", last_key)
+            elif expect.sha256 and stream.hexdigest() != expect.sha256:
+                bad(f"shard {name}: checksum mismatch (sha256 {stream.hexdigest()[:16]}..., "
+                    f"manifest {expect.sha256[:16]}...)")
+    finally:
+        stream.close()

@@ -1,0 +1,211 @@
+"""TrainPairs / load_eval_split: sharding across ranks and workers, batching, S3, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import boto3
+import numpy as np
+import pytest
+import torch
+
+from imram_dist.data import DataError, TrainPairs, generate_synthetic, load_eval_split, read_manifest
+from imram_dist.data.__main__ import main as cli
+from imram_dist.data.convert import convert_precomp
+from imram_dist.data.shards import Manifest, ShardInfo, ShardWriter, SplitInfo, write_manifest
+from imram_dist.data.tokenize import Vocabulary
+from test_data_helpers import make_precomp, tiny_synth_cfg
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate_synthetic(str(root), tiny_synth_cfg())  # 70 train images in shards of 9 (last one 7)
+    return str(root)
+
+
+def epoch_batches(root, split="train", **kw):
+    out = {}
+    for r in range(kw.get("world_size", 1)):
+        tp = TrainPairs(root, split, rank=r, **kw)
+        tp.set_epoch(0)
+        out[r] = (tp, list(tp))
+    return out
+
+
+def test_batches_equal_counts_distinct_images(synth_root):
+    m = read_manifest(synth_root)
+    sizes = [s.images for s in m.splits["train"].shards]
+    assert len(set(sizes)) > 1  # uneven shards
+    for ws in (2, 3):
+        runs = epoch_batches(synth_root, batch_size=8, world_size=ws, seed=1, shuffle_buffer=50)
+        nb = runs[0][0].num_batches
+        assert nb == 350 // (ws * 8)
+        for r, (tp, batches) in runs.items():
+            assert tp.num_batches == nb and len(batches) == nb
+            for b in batches:
+                assert b.regions.shape == (8, 8, 16) and b.regions.dtype == torch.float32
+                assert b.tokens.dtype == torch.long and b.lengths.tolist() == [int((t != 0).sum()) for t in b.tokens]
+                assert len(set(b.keys)) == 8  # no image twice in a batch
+                assert b.tokens[:, 0].eq(1).all()
+
+
+def test_shuffle_is_deterministic_and_changes_with_epoch(synth_root):
+    def keys(epoch, seed=0):
+        tp = TrainPairs(synth_root, "train", batch_size=7, seed=seed, shuffle_buffer=30)
+        tp.set_epoch(epoch)
+        return [k for b in tp for k in b.keys]
+
+    a = keys(0)
+    assert a == keys(0)
+    assert a != keys(1) and a != keys(0, seed=5)
+
+
+def test_workers_split_and_no_duplicates(synth_root):
+    # 1 rank, 2 DataLoader workers: each reads its own shards; first pass has no repeated pair.
+    tp = TrainPairs(synth_root, "train", batch_size=5, loader_workers=2, shuffle_buffer=20)
+    batches = list(tp)
+    assert len(batches) == tp.num_batches == 70
+    pairs = [(k, tuple(t[:n].tolist())) for b in batches for k, t, n in zip(b.keys, b.tokens, b.lengths)]
+    assert all(len(set(b.keys)) == 5 for b in batches)
+    assert len({k for k, _ in pairs}) >= 65
+
+
+def test_fewer_shards_than_ranks_splits_samples(synth_root):
+    # dev has one shard of 12 images; 3 ranks each keep every 3rd sample.
+    seen = []
+    for r in range(3):
+        tp = TrainPairs(synth_root, "dev", batch_size=4, rank=r, world_size=3, shuffle_buffer=1)
+        a = tp.assignment(0).split(1, 0)
+        assert (a.mod, a.rem) == (3, r)
+        seen.append({k for b in tp for k in b.keys})
+    assert all(seen) and not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
+
+
+def test_eval_split_synth(synth_root):
+    ev = load_eval_split(synth_root, "test")
+    assert ev.regions.shape == (10, 8, 16) and ev.regions.dtype == torch.float16
+    assert ev.tokens.shape[0] == 50 and ev.caption_to_image.tolist() == [i // 5 for i in range(50)]
+    assert ev.image_ids == [f"synth-test-{i}" for i in range(10)]
+
+
+def test_s3_upload_read_two_ranks(tmp_path, s3_bucket):
+    make_precomp(tmp_path / "pre", n_train=8, n_dev=4, n_test=40)  # test split is 1:1 -> 40 pairs
+    out = tmp_path / "out"
+    convert_precomp(str(tmp_path / "pre"), str(out), samples_per_shard=10, progress=False)
+    dest = f"s3://{s3_bucket}/datasets/tiny"
+    assert cli(["upload", str(out), dest, "--chunk-mb", "5"]) == 0
+    s3 = boto3.client("s3")
+    head = s3.head_object(Bucket=s3_bucket, Key="datasets/tiny/test-00000.tar")
+    m = read_manifest(dest)
+    assert head["Metadata"]["sha256"] == m.splits["test"].shards[0].sha256
+    local = load_eval_split(str(out), "train")
+    remote = load_eval_split(dest, "train")
+    assert torch.equal(local.regions, remote.regions) and local.captions == remote.captions
+    # two ranks over 4 shards of 10 one-caption images: no overlap, no loss
+    got = []
+    for r in range(2):
+        tp = TrainPairs(dest, "test", batch_size=4, rank=r, world_size=2, seed=0, shuffle_buffer=7)
+        assert tp.num_batches == 5
+        keys = [k for b in tp for k in b.keys]
+        assert len(keys) == 20 and len(set(keys)) == 20
+        got.append(set(keys))
+    assert not (got[0] & got[1]) and got[0] | got[1] == {f"test-{i:07d}" for i in range(40)}
+    # a missing object is reported by name
+    s3.delete_object(Bucket=s3_bucket, Key="datasets/tiny/dev-00000.tar")
+    with pytest.raises(DataError, match="dev-00000.tar: listed in the manifest but absent"):
+        load_eval_split(dest, "dev")
+
+
+# --- bad input --------------------------------------------------------------------------
+
+R, D = 4, 6
+
+
+def good(i):
+    return dict(key=f"s-{i:03d}", regions=np.full((R, D), i, np.float32), captions=[f"a dog number {i}", "a cat"],
+                image_id=str(i))
+
+
+def build(root, samples_per_shard: list[list[dict]], raw: dict | None = None):
+    """Write shards (ShardWriter, or raw tar members for missing-field cases) and a manifest."""
+    os.makedirs(root, exist_ok=True)
+    Vocabulary(["a", "dog", "cat"]).save(os.path.join(root, "vocab.json"))
+    shards = []
+    for si, samples in enumerate(samples_per_shard):
+        name = f"train-{si:05d}.tar"
+        w = ShardWriter(os.path.join(root, name), "float16")
+        ncap = 0
+        for s in samples:
+            if "files" in s:  # raw members
+                for fname, data in s["files"].items():
+                    w._add(fname, data)
+                w.images += 1
+                ncap += 2
+            else:
+                w.write(**s)
+                ncap += len(s["captions"])
+        sha, size = w.close()
+        shards.append(ShardInfo(name, len(samples), ncap, sha, size))
+    split = SplitInfo("train", sum(s.images for s in shards), sum(s.captions for s in shards), None, shards)
+    write_manifest(root, Manifest(str(root), R, D, "float16", "vocab.json", {"train": split}))
+    return str(root)
+
+
+def npy(a):
+    b = io.BytesIO()
+    np.save(b, a)
+    return b.getvalue()
+
+
+BAD_SAMPLES = {
+    "missing field": ({"files": {"s-001.json": json.dumps({"image_id": "1", "captions": ["a", "b"]}).encode()}},
+                      "s-001: missing field region features"),
+    "wrong R": (dict(good(1), regions=np.zeros((R + 1, D))), r"s-001: region features have shape \(5, 6\)"),
+    "wrong D": (dict(good(1), regions=np.zeros((R, D - 1))), r"s-001: region features have shape \(4, 5\)"),
+    "non-finite": (dict(good(1), regions=np.full((R, D), np.nan)), "s-001: region features contain NaN"),
+    "empty caption": (dict(good(1), captions=["a dog", "  "]), "s-001: caption #1 is empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SAMPLES))
+def test_bad_sample(tmp_path, case):
+    bad, msg = BAD_SAMPLES[case]
+    root = build(tmp_path / "ds", [[good(0), bad, good(2)], [good(3), good(4), good(5)]])
+    with pytest.raises(DataError, match=f"shard train-00000.tar, key {msg}"):
+        load_eval_split(root, "train")
+    ev = load_eval_split(root, "train", skip_bad=True)
+    assert ev.image_ids == ["0", "2", "3", "4", "5"] and len(ev.skipped) == 1 and "s-001" in ev.skipped[0]
+    with pytest.raises(DataError, match="train-00000.tar"):
+        list(TrainPairs(root, "train", batch_size=2, shuffle_buffer=1))
+    tp = TrainPairs(root, "train", batch_size=2, shuffle_buffer=1, skip_bad=True)
+    keys = {k for b in tp for k in b.keys}
+    assert tp.bad_samples >= 1 and "s-001" not in keys
+
+
+@pytest.mark.parametrize("case", ["truncated", "corrupt", "absent", "checksum"])
+def test_bad_shard(tmp_path, case):
+    root = build(tmp_path / "ds", [[good(0), good(1), good(2)], [good(3), good(4), good(5)]])
+    path = os.path.join(root, "train-00000.tar")
+    data = open(path, "rb").read()
+    if case == "truncated":
+        open(path, "wb").write(data[: len(data) // 2 + 100])
+        msg = "train-00000.tar"
+    elif case == "corrupt":
+        open(path, "wb").write(data[:1024] + b"\xff" * 600 + data[1624:])
+        msg = "train-00000.tar"
+    elif case == "absent":
+        os.remove(path)
+        msg = "train-00000.tar: listed in the manifest but absent"
+    else:
+        i = data.index(b"a dog number 1")
+        open(path, "wb").write(data[:i] + b"a cat number 1" + data[i + 14:])
+        msg = "train-00000.tar: checksum mismatch"
+    with pytest.raises(DataError, match=msg):
+        load_eval_split(root, "train")
+    ev = load_eval_split(root, "train", skip_bad=True)
+    assert ev.image_ids[-3:] == ["3", "4", "5"] and ev.skipped and all("train-00000.tar" in s for s in ev.skipped)
+    assert cli(["inspect", root]) == 1
