@@ -16,7 +16,7 @@ from imram_dist.data import (DataError, Vocabulary, ensure_synthetic, generate_s
 from imram_dist.data.__main__ import main as cli
 from imram_dist.data.convert import convert_precomp
 from imram_dist.data.shards import ShardWriter
-from test_data_helpers import make_precomp, tiny_synth_cfg
+from data_helpers import make_precomp, tiny_synth_cfg
 
 
 # --- tokeniser and vocabulary -----------------------------------------------------------

@@ -17,7 +17,7 @@ from imram_dist.data.__main__ import main as cli
 from imram_dist.data.convert import convert_precomp
 from imram_dist.data.shards import Manifest, ShardInfo, ShardWriter, SplitInfo, write_manifest
 from imram_dist.data.tokenize import Vocabulary
-from test_data_helpers import make_precomp, tiny_synth_cfg
+from data_helpers import make_precomp, tiny_synth_cfg
 
 
 @pytest.fixture(scope="module")

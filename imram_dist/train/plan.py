@@ -1,0 +1,158 @@
+"""Pure planning helpers for a training run: the DeepSpeed config generated from our typed
+config, the learning-rate schedule, batch arithmetic, fail-fast checks against the cluster,
+and storage (local path or s3://) resolution. No Ray worker or DeepSpeed engine needed here."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from imram_dist.config import Config, ConfigError, TrainConfig
+
+
+def lr_at_epoch(train: TrainConfig, epoch: int) -> float:
+    """Step decay of the authors' recipe: lr0 * 0.1 ** (epoch // lr_update) (epoch is 0-based)."""
+    return train.lr * (0.1 ** (epoch // train.lr_update))
+
+
+def micro_batch(cfg: Config, world_size: int) -> int:
+    """Pairs per worker per micro step: global batch / (world * grad_accum); must divide exactly."""
+    denom = world_size * cfg.train.grad_accum
+    if cfg.data.batch_size % denom:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is not divisible by cluster.num_workers x "
+            f"train.grad_accum = {world_size} x {cfg.train.grad_accum} = {denom}")
+    mb = cfg.data.batch_size // denom
+    if mb < 1:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} leaves no pairs per worker")
+    return mb
+
+
+def deepspeed_config(cfg: Config, world_size: int, use_gpu: bool | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run (client optimizer: torch.optim.Adam, so no
+    "optimizer"/"scheduler" sections; the LR is set per epoch by the training loop)."""
+    use_gpu = cfg.cluster.use_gpu if use_gpu is None else use_gpu
+    t = cfg.train
+    check_precision(t.precision, use_gpu)
+    mb = micro_batch(cfg, world_size)
+    ds: dict[str, Any] = {
+        "train_batch_size": mb * world_size * t.grad_accum,
+        "train_micro_batch_size_per_gpu": mb,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        # torch.optim.Adam is a client optimizer DeepSpeed has not "tested" with ZeRO.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                      "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    return ds
+
+
+def check_precision(precision: str, use_gpu: bool) -> None:
+    if precision == "fp16" and not use_gpu:
+        raise ConfigError("train.precision=fp16 needs GPUs (cluster.use_gpu=true): DeepSpeed's CPU "
+                          "accelerator has no fp16 training; use fp32 or bf16 on CPU")
+
+
+def check_static(cfg: Config) -> None:
+    """Checks that need neither data nor a cluster; raise ConfigError naming the key."""
+    if cfg.train.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"train.zero_stage: expected 0, 1 or 2, got {cfg.train.zero_stage!r} "
+                          "(ZeRO-3 is not supported: scoring calls into submodules)")
+    check_precision(cfg.train.precision, cfg.cluster.use_gpu)
+    micro_batch(cfg, cfg.cluster.num_workers)
+    if cfg.cluster.cpus_per_worker < 1 and not cfg.cluster.use_gpu:
+        raise ConfigError(f"cluster.cpus_per_worker: expected at least 1, got {cfg.cluster.cpus_per_worker}")
+    if cfg.run.keep_checkpoints < 1:
+        raise ConfigError(f"run.keep_checkpoints: expected at least 1, got {cfg.run.keep_checkpoints}")
+    if cfg.run.max_failures < -1:
+        raise ConfigError(f"run.max_failures: expected -1 (forever) or more, got {cfg.run.max_failures}")
+    if not cfg.run.name or "/" in cfg.run.name:
+        raise ConfigError(f"run.name: expected a non-empty name without '/', got {cfg.run.name!r}")
+
+
+def check_resources(cfg: Config, resources: dict[str, float]) -> None:
+    """More workers than the cluster can ever place -> ConfigError (before any worker starts)."""
+    c = cfg.cluster
+    cpus = float(resources.get("CPU", 0))
+    need_cpu = c.num_workers * c.cpus_per_worker
+    if need_cpu > cpus:
+        raise ConfigError(
+            f"cluster.num_workers={c.num_workers} x cluster.cpus_per_worker={c.cpus_per_worker} needs "
+            f"{need_cpu} CPUs but the Ray cluster has {cpus:g}")
+    if c.use_gpu:
+        gpus = float(resources.get("GPU", 0))
+        if c.num_workers > gpus:
+            raise ConfigError(f"cluster.num_workers={c.num_workers} with cluster.use_gpu=true needs "
+                              f"{c.num_workers} GPUs but the Ray cluster has {gpus:g}")
+
+
+def check_data(cfg: Config, feature_dim: int, root: str) -> None:
+    if cfg.model.image_dim != feature_dim:
+        raise ConfigError(
+            f"model.image_dim={cfg.model.image_dim} does not match the dataset's feature width "
+            f"{feature_dim} (manifest of {root}); set model.image_dim={feature_dim}")
+
+
+# ---------------------------------------------------------------------------------------
+# Storage
+
+
+@dataclass
+class Storage:
+    """Where a run lives: ``uri`` as given, ``path`` for pyarrow (no scheme for s3), ``fs``."""
+
+    uri: str
+    path: str
+    is_s3: bool
+
+    def filesystem(self):
+        return storage_filesystem(self.uri)
+
+    def run_path(self, name: str) -> str:
+        return f"{self.path.rstrip('/')}/{name}"
+
+
+def resolve_storage(uri: str) -> Storage:
+    if uri.startswith("s3://"):
+        return Storage(uri=uri, path=uri[len("s3://"):].rstrip("/"), is_s3=True)
+    path = os.path.abspath(os.path.expanduser(uri))
+    return Storage(uri=path, path=path, is_s3=False)
+
+
+def storage_filesystem(uri: str):
+    """pyarrow filesystem for the storage; S3 honours AWS_ENDPOINT_URL (non-AWS S3, e.g. moto)
+    and carries the credentials explicitly so the object pickles to the workers intact."""
+    import pyarrow.fs as pafs
+
+    if not uri.startswith("s3://"):
+        return pafs.LocalFileSystem()
+    kwargs: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    if endpoint:
+        kwargs["endpoint_override"] = endpoint
+        if endpoint.startswith("http://"):
+            kwargs["scheme"] = "http"
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        kwargs["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    kwargs["region"] = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    return pafs.S3FileSystem(**kwargs)
+
+
+ENV_FORWARD = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "TORCH_EXTENSIONS_DIR")
+
+
+def forwarded_env() -> dict[str, str]:
+    """Driver environment the workers need (S3 endpoint/credentials, extension cache)."""
+    return {k: os.environ[k] for k in ENV_FORWARD if k in os.environ}
