@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PRESET = "default"
 
 
 class ConfigError(ValueError):
@@ -444,14 +445,18 @@ def help_text(cfg: Config | None = None) -> str:
 
 
 def parse_cli(argv: list[str], prog: str, description: str) -> Config:
-    """``[--config FILE|PRESET] [key=value ...]`` -> Config; ``--help`` lists every key."""
-    preset = None
+    """``[--config FILE|PRESET] [key=value ...]`` -> Config; ``--help`` lists every key.
+
+    Without --config the ``default`` preset (small, CPU, synthetic corpus) applies, so a bare
+    command works on a laptop; the paper settings are ``--config f30k`` / ``--config coco``."""
+    preset = DEFAULT_PRESET
     overrides: list[str] = []
     args = list(argv)
     while args:
         arg = args.pop(0)
         if arg in ("-h", "--help"):
-            print(f"usage: python -m {prog} [--config PRESET_OR_FILE] [key=value ...]\n\n{description}\n")
+            print(f"usage: python -m {prog} [--config PRESET_OR_FILE] [key=value ...]\n\n{description}\n"
+                  f"Without --config the {DEFAULT_PRESET!r} preset applies.\n")
             print(f"presets: {sorted(p.stem for p in PRESETS_DIR.glob('*.yaml'))}\n\nkeys:")
             print(help_text())
             raise SystemExit(0)

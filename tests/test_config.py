@@ -106,3 +106,8 @@ def test_parse_cli(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "model.lambda_softmax" in out and "Attention temperature" in out
+
+
+def test_cli_without_config_uses_the_default_preset():
+    assert parse_cli([], "imram_dist.train", "x") == load_config("default")
+    assert parse_cli(["model.steps=1"], "imram_dist.train", "x").model.image_dim == load_config("default").model.image_dim

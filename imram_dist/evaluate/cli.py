@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from imram_dist.config import ConfigError, help_text, load_config
+from imram_dist.config import DEFAULT_PRESET, ConfigError, help_text, load_config
 from imram_dist.evaluate.metrics import PROTOCOLS, EvalError, format_table
 
 DESCRIPTION = """Image-text retrieval evaluation of an IMRAM model: R@1/5/10, median and mean rank
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--save-sims", metavar="PATH", help="write the score matrix (.npy; [folds, n, m] for coco1k)")
     p.add_argument("--report", metavar="DIR", help="write top-5 results for sampled queries (report.json, report.md)")
-    p.add_argument("--config", metavar="PRESET_OR_FILE", help="config preset (f30k, coco, ...) or YAML file")
+    p.add_argument("--config", metavar="PRESET_OR_FILE", help="config preset (f30k, coco, ...) or YAML file; default: the default preset")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise EvalError(f"unexpected argument(s) {bad}: config overrides are key=value")
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
     protocol = args.protocol or cfg.eval.protocol
     split = args.split or cfg.eval.split
     root = args.data if args.data is not None else cfg.data.root
