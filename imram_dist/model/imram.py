@@ -59,8 +59,17 @@ class IMRAM(nn.Module):
         self.linear_i2t = nn.Linear(2 * d, d)
         self.gate_i2t = nn.Linear(2 * d, d)
         self._block = scoring.score_block
-        if config.compile_scoring:
-            self._block = torch.compile(scoring.score_block, dynamic=True)
+        self._compiled_block = None  # built on first no-grad use when config.compile_scoring
+
+    def _block_fn(self, grad: bool):
+        """The scoring core for one block: eager, or (no grad, config.compile_scoring) compiled once
+        with dynamic shapes, so ragged edge blocks and new batch sizes reuse the same graph (only a
+        size-1 block dimension specialises; dynamo's recompile limit bounds the rest)."""
+        if grad or not self.config.compile_scoring:
+            return self._block
+        if self._compiled_block is None:
+            self._compiled_block = torch.compile(scoring.score_block, dynamic=True)
+        return self._compiled_block
 
     # ------------------------------------------------------------------ encoders
     def encode_images(self, regions: torch.Tensor) -> torch.Tensor:
@@ -167,7 +176,7 @@ class IMRAM(nn.Module):
         m_blk = min(M, pairs)
         n_blk = min(N, max(1, pairs // m_blk))
         n_chunks = math.ceil(N / n_blk) * math.ceil(M / m_blk)
-        fn = functools.partial(self._block, text=text, image=image, steps=c.steps,
+        fn = functools.partial(self._block_fn(grad), text=text, image=image, steps=c.steps,
                                lam=float(c.lambda_softmax), renorm=bool(c.renorm_query))
         Wx_t = mdu_t[0] if text else None
         Wx_i = mdu_i[0] if image else None

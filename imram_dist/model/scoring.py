@@ -36,15 +36,15 @@ def _l2norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def gate_update(pre: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """MDU output g * q + (1 - g) * o = q + u * (o - q) with u = 1 - g = sigmoid(pre[..., :d]) (the gate
-    rows are stored negated, see split_mdu) and o = tanh(pre[..., d:])."""
+    """MDU output g * q + (1 - g) * o = lerp(o, q, g) with g = sigmoid(pre[..., :d]) and
+    o = tanh(pre[..., d:])."""
     d = q.shape[-1]
     if torch.is_grad_enabled():
-        return torch.lerp(q, torch.tanh(pre[..., d:]), torch.sigmoid(pre[..., :d]))
-    # no autograd: everything in place inside pre (a fresh temporary owned by the caller), no new
+        return torch.lerp(torch.tanh(pre[..., d:]), q, torch.sigmoid(pre[..., :d]))
+    # no autograd: three in-place passes inside pre (a fresh temporary owned by the caller), no new
     # allocation; the result is a strided view on pre's second half
-    u = pre[..., :d].sigmoid_()
-    return pre[..., d:].tanh_().sub_(q).mul_(u).add_(q)
+    g = pre[..., :d].sigmoid_()
+    return pre[..., d:].tanh_().lerp_(q, g)
 
 
 @dataclass
@@ -71,14 +71,12 @@ class Prepared:
 
 
 def split_mdu(gate: torch.nn.Linear, linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack (negated) gate and candidate linears: W_x [2d, d] (query half), W_c [2d, d] (context
-    half), b [2d].
+    """Stack gate and candidate linears: W_x [2d, d] (query half), W_c [2d, d] (context half), b [2d].
 
     The authors' MDU concatenates [query ; attended] (query first), so columns :d act on the query."""
     d = gate.out_features
-    # gate rows negated: sigmoid(-z) = 1 - g is what gate_update consumes
-    w = torch.cat([-gate.weight, linear.weight], 0)
-    return w[:, :d].contiguous(), w[:, d:].contiguous(), torch.cat([-gate.bias, linear.bias], 0)
+    w = torch.cat([gate.weight, linear.weight], 0)
+    return w[:, :d].contiguous(), w[:, d:].contiguous(), torch.cat([gate.bias, linear.bias], 0)
 
 
 def prepare(V: torch.Tensor, W: torch.Tensor, lengths: torch.Tensor, text: bool, image: bool,
@@ -118,19 +116,22 @@ def text_direction(V, Gv, VWc, Wp, Wpn, WpWx, seg, lens, Wx, *, m: int, steps: i
     n, R, d = V.shape
     T = Wp.shape[0]
     S0 = (V.reshape(n * R, d) @ Wp.t()).view(n, R, T).transpose(1, 2).contiguous()  # [n, T, R]
+    # segment sums over the packed words as a matmul with the [m, T] caption one-hot (exact: products
+    # with 1 and 0); unlike index_add_ this also compiles cleanly with dynamic shapes
+    onehot = (torch.arange(m, device=seg.device).unsqueeze(1) == seg.unsqueeze(0)).to(V.dtype)
     score = V.new_zeros(n, m)
     X = None
     for k in range(steps):
         A = S0 if k == 0 else torch.bmm(X, V.transpose(1, 2))
         A = F.leaky_relu(A, 0.1)
         # L2 over the query axis = over the words of each caption (segment sum over T)
-        sq = V.new_zeros(n, m, R).index_add_(1, seg, A * A)
+        sq = torch.matmul(onehot, A * A)  # [n, m, R]
         A = A / (sq.clamp_min(TINY).sqrt().index_select(1, seg) + EPS)
         wts = torch.softmax(A * lam, dim=-1)  # over regions
         num = (wts * S0).sum(-1)  # [n, T] = word . attended
         c2 = (torch.bmm(wts, Gv) * wts).sum(-1)  # |attended|^2
         cos = num / (Wpn * c2.clamp_min(TINY).sqrt()).clamp_min(EPS)
-        score = score + V.new_zeros(n, m).index_add_(1, seg, cos) / lens
+        score = score + (cos @ onehot.t()) / lens
         if k + 1 < steps:
             if k == 0:
                 pre = torch.baddbmm(WpWx.unsqueeze(0), wts, VWc)
