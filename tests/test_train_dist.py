@@ -100,18 +100,8 @@ def _worker(rank, world, init_file, kind, out_dir, uneven):
     dist.destroy_process_group()
 
 
-def _have_model():
-    try:
-        from imram_dist.model import IMRAM, directional_hinge_loss  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 @pytest.mark.parametrize("kind,uneven", [("toy", False), ("toy", True), ("imram", False)])
 def test_two_ranks_equal_one_rank(kind, uneven):
-    if kind == "imram" and not _have_model():
-        pytest.skip("imram_dist.model not available")
     ref_loss, ref_grads = single(kind)
     with tempfile.TemporaryDirectory() as d:
         mp.start_processes(_worker, args=(2, os.path.join(d, "init"), kind, d, uneven), nprocs=2,
