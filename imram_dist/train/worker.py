@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any
@@ -17,7 +18,14 @@ from imram_dist.train.checkpoints import CKPT_TAG, STATE_FILE, WEIGHTS_FILE
 
 def _say(rank: int, msg: str) -> None:
     if rank == 0:
-        print(msg, flush=True)
+        _stdout(msg)
+
+
+def _stdout(msg: str) -> None:
+    # Straight to the process's stdout (which Ray forwards to the driver once): Ray Train V2
+    # patches print() in workers to tee into its logger as well, which printed every line twice.
+    sys.__stdout__.write(msg + "\n")
+    sys.__stdout__.flush()
 
 
 def fault_marker(storage_uri: str, name: str, step: int, rank: int) -> tuple[Any, str]:
@@ -41,7 +49,7 @@ def maybe_inject_fault(cfg, storage_uri: str, global_step: int, rank: int) -> No
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(f"rank {rank} killed at step {global_step} at {time.time()}\n".encode())
-    print(f"[fault-drill] rank {rank}: killing this worker at global step {global_step}", flush=True)
+    _stdout(f"[fault-drill] rank {rank}: killing this worker at global step {global_step}")
     os._exit(17)
 
 
