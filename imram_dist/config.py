@@ -398,6 +398,11 @@ def validate(cfg: Config) -> None:
         ("train.lr_update", cfg.train.lr_update >= 1, "at least 1"),
         ("cluster.num_workers", cfg.cluster.num_workers >= 1, "at least 1"),
         ("data.batch_size", cfg.data.batch_size >= 2, "at least 2"),
+        ("data.loader_workers", cfg.data.loader_workers >= 0, "0 or more"),
+        ("eval.image_batch", cfg.eval.image_batch >= 1, "at least 1"),
+        ("eval.block_images", cfg.eval.block_images >= 1, "at least 1"),
+        ("eval.block_captions", cfg.eval.block_captions >= 1, "at least 1"),
+        ("eval.fold_images", cfg.eval.fold_images >= 1, "at least 1"),
     ]
     for key, ok, expected in checks:
         if not ok:

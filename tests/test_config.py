@@ -68,6 +68,7 @@ def test_dotted_overrides_and_types():
     (["model=3"], "model"),
     (["model.steps.x=3"], "model.steps"),
     (["model.steps"], "key=value"),
+    (["eval.block_images=0"], "eval.block_images"),
 ])
 def test_bad_overrides_name_the_key(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):

@@ -15,7 +15,7 @@ import torch
 from imram_dist.config import ConfigError
 from imram_dist.train import driver
 from imram_dist.train.driver import train
-from train_helpers import CHANCE_RSUM, LEARNED_RSUM, as_cli, tiny_config, tiny_overrides
+from train_helpers import LEARNED_RSUM, as_cli, tiny_config, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -133,4 +133,3 @@ def test_bad_configs_fail_before_workers(ray_cluster, cache_dir, tmp_path, monke
     proc = subprocess.run([sys.executable, "-m", "imram_dist.train", "train.nonsense=1"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown config key 'train.nonsense'" in proc.stderr
-    assert CHANCE_RSUM < LEARNED_RSUM

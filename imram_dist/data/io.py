@@ -133,15 +133,21 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write to path.tmp, fsync, then os.replace: readers see the old file or the whole new one."""
-    path = os.path.expanduser(path)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary name beside path (unique per process), fsync, then os.replace:
+    readers see the old file or the whole new one; a failed write leaves no temporary file."""
+    path = os.path.expanduser(os.fspath(path))
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 class HashingReader:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 
 from imram_dist.config import DEFAULT_PRESET, ConfigError, help_text, load_config
 from imram_dist.evaluate.metrics import PROTOCOLS, EvalError, format_table
+from imram_dist.data.io import atomic_write_bytes
 
 DESCRIPTION = """Image-text retrieval evaluation of an IMRAM model: R@1/5/10, median and mean rank
 for image->text and text->image, and rsum. Settings not given as flags come from the
@@ -123,8 +125,19 @@ def _run(args: argparse.Namespace) -> int:
 
     model, info = load_model(args.checkpoint, args.model, args.reference)
     eval_split, load_notes = load_split(root, split, checkpoint_vocab(info))
-    result = evaluate_split(model, eval_split, protocol, args.workers, cfg.eval, sims_path=args.save_sims,
-                            keep_sims=bool(args.report), progress=not args.no_progress)
+    # the matrix is filled under a temporary name and renamed when whole, so an interrupted run
+    # never leaves a complete-looking .npy at --save-sims
+    sims_tmp = f"{args.save_sims}.{os.getpid()}.partial" if args.save_sims else None
+    try:
+        result = evaluate_split(model, eval_split, protocol, args.workers, cfg.eval, sims_path=sims_tmp,
+                                keep_sims=bool(args.report), progress=not args.no_progress)
+    except BaseException:
+        if sims_tmp and os.path.exists(sims_tmp):
+            os.remove(sims_tmp)
+        raise
+    if sims_tmp:
+        result.sims.flush()
+        os.replace(sims_tmp, args.save_sims)
 
     header = (f"{info['source']} on {root}:{split} protocol {result.protocol}: "
               f"{result.n_images} images x {result.n_captions} captions, {result.pairs:,} pairs in "
@@ -144,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
         summary["sims"] = str(args.save_sims)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+        atomic_write_bytes(args.json, json.dumps(summary, indent=2).encode())
     if args.report:
         sims = result.sims if not result.folds else result.sims[0]
         n, m = sims.shape

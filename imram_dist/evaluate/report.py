@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from imram_dist.data.io import atomic_write_bytes
 
 TOP = 5
 
@@ -91,6 +92,6 @@ def write_report(out_dir: str | Path, report: dict[str, Any], summary: dict[str,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / "report.json", out_dir / "report.md"
-    js.write_text(json.dumps({"summary": summary, **report}, indent=2))
-    md.write_text(_md(report, title))
+    atomic_write_bytes(js, json.dumps({"summary": summary, **report}, indent=2).encode())
+    atomic_write_bytes(md, _md(report, title).encode())
     return [js, md]

@@ -301,6 +301,8 @@ def check_compatible(model: Any, eval_split: Any) -> None:
     if vocab and len(tokens) and int(_as_tensor(tokens).max()) >= vocab:
         raise EvalError(f"caption token ids go up to {int(_as_tensor(tokens).max())} but the model's "
                         f"vocabulary has {vocab} words: the data was tokenised with another vocabulary")
+    if len(lengths) == 0:
+        raise EvalError("the split has no captions")
     if int(_as_tensor(lengths).min()) < 1:
         raise EvalError("every caption needs at least one token")
 

@@ -182,7 +182,10 @@ def save_inference_checkpoint(path: str | os.PathLike, model: Any, extra: dict |
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(payload, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name says "whole"
         os.replace(tmp, path)
     finally:
         if tmp.exists():

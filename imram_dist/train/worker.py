@@ -182,9 +182,10 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         with resumed.as_directory() as d:
             with open(os.path.join(d, STATE_FILE)) as f:
                 state = json.load(f)
-            if state.get("world_size", world) != world and cfg.train.zero_stage > 0:
+            saved_stage = state.get("zero_stage", cfg.train.zero_stage)
+            if state.get("world_size", world) != world and saved_stage > 0:
                 raise RuntimeError(
-                    f"checkpoint {resumed.path} holds ZeRO-{cfg.train.zero_stage} optimizer partitions of "
+                    f"checkpoint {resumed.path} holds ZeRO-{saved_stage} optimizer partitions of "
                     f"{state['world_size']} workers; resume it with cluster.num_workers={state['world_size']}")
             engine.load_checkpoint(d, tag=CKPT_TAG, load_optimizer_states=True,
                                    load_lr_scheduler_states=False)
@@ -245,6 +246,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
                 _say(rank, f"[train] epoch {epoch + 1}/{cfg.train.epochs} step {step_in_epoch}/{steps} "
                            f"loss {tot_loss:.4f} lr {lr:.2e} pairs/s {tot_pairs / dt:.1f}")
                 t_win, loss_win, pairs_win = time.perf_counter(), 0.0, 0
+        it.close()  # a rank may stop before its pass ends: release DataLoader workers and prefetch now
         train_seconds = time.perf_counter() - t_epoch
         epoch_loss = all_reduce_sum(loss_epoch, device) / max(n_micro, 1)
         epoch_pairs = all_reduce_sum(pairs_epoch, device)
