@@ -209,3 +209,16 @@ def test_bad_shard(tmp_path, case):
     ev = load_eval_split(root, "train", skip_bad=True)
     assert ev.image_ids[-3:] == ["3", "4", "5"] and ev.skipped and all("train-00000.tar" in s for s in ev.skipped)
     assert cli(["inspect", root]) == 1
+
+
+def test_eval_split_with_more_images_than_the_manifest_is_a_clear_error(synth_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(synth_root, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    real = manifest["splits"]["dev"]["images"]
+    manifest["splits"]["dev"]["images"] = real - 1  # the shards now hold one image too many
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=rf"split dev: shard dev-\d+\.tar key .*more images than the manifest's {real - 1}"):
+        load_eval_split(str(root), "dev")

@@ -309,6 +309,9 @@ def load_eval_split(root: str, split: str, dtype: str | torch.dtype | None = Non
         for s in iter_shard(manifest.shard_url(sh), name=sh.name, expect=sh, regions=manifest.regions,
                             feature_dim=manifest.feature_dim, skip_bad=skip_bad, report=report):
             n = len(ids)
+            if n >= info.images:  # the shards hold more than the manifest says: never overrun
+                raise DataError(f"split {split}: shard {sh.name} key {s.key}: more images than the "
+                                f"manifest's {info.images}")
             regions[n] = torch.from_numpy(s.regions.astype(np.float32 if tdtype == torch.float32 else
                                                            s.regions.dtype, copy=False)).to(tdtype)
             ids.append(s.image_id)
