@@ -102,3 +102,27 @@ def test_fault_drill_fires_once(tmp_path):
     assert (tmp_path / "drill" / "fault_drill" / "step7_rank1.fired").exists()
     second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert second.returncode == 0 and "survived" in second.stdout
+
+
+def test_scan_skips_a_checkpoint_whose_upload_was_cut_short(tmp_path):
+    """Names alone would pass a truncated rank file: the sizes recorded before upload decide."""
+    import json as json_
+
+    from imram_dist.train.checkpoints import CKPT_TAG, STATE_FILE, WEIGHTS_FILE, scan_checkpoints
+    from imram_dist.train.worker import checkpoint_file_sizes
+
+    storage = resolve_storage(str(tmp_path / "runs"))
+    for n, cut in ((1, False), (2, True)):
+        ckpt = tmp_path / "runs" / "r" / f"checkpoint_{n}"
+        (ckpt / CKPT_TAG).mkdir(parents=True)
+        (ckpt / WEIGHTS_FILE).write_bytes(b"w" * 10)
+        (ckpt / CKPT_TAG / "mp_rank_00_model_states.pt").write_bytes(b"m" * 20)
+        (ckpt / CKPT_TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"z" * 30)
+        state = {"epochs_done": n, "world_size": 1, "zero_stage": 1, "history": [{"rsum": 100.0 + n}],
+                 "files": checkpoint_file_sizes(str(ckpt), 1)}
+        assert state["files"][WEIGHTS_FILE] == [10]
+        (ckpt / STATE_FILE).write_text(json_.dumps(state))
+        if cut:
+            (ckpt / CKPT_TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"z" * 7)
+    found = scan_checkpoints(storage, "r")
+    assert [c["name"] for c in found] == ["checkpoint_1"]

@@ -29,7 +29,8 @@ def scan_checkpoints(storage, name: str) -> list[dict[str, Any]]:
         if e.type != pafs.FileType.Directory or not e.base_name.startswith("checkpoint_"):
             continue
         try:
-            files = {f.path[len(e.path) + 1:] for f in fs.get_file_info(pafs.FileSelector(e.path, recursive=True))
+            files = {f.path[len(e.path) + 1:]: f.size
+                     for f in fs.get_file_info(pafs.FileSelector(e.path, recursive=True))
                      if f.type == pafs.FileType.File}
             if STATE_FILE not in files or WEIGHTS_FILE not in files:
                 continue
@@ -42,6 +43,9 @@ def scan_checkpoints(storage, name: str) -> list[dict[str, Any]]:
             need += [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(state.get("world_size", 1))]
         if not all(any(f.endswith(n) for f in files) for n in need):
             continue
+        recorded = state.get("files", {})  # every rank's files and sizes, written before upload
+        if any(files.get(path) not in sizes for path, sizes in recorded.items()):
+            continue  # a file is missing or was cut short: not a whole checkpoint
         hist = state.get("history") or [{}]
         out.append({"path": e.path, "name": e.base_name, "epochs_done": int(state.get("epochs_done", 0)),
                     "rsum": float(hist[-1].get("rsum", float("-inf"))), "metrics": hist[-1], "state": state})

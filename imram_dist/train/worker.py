@@ -91,6 +91,25 @@ def consolidated_fp32_state_dict(model: torch.nn.Module, optimizer: Any = None) 
     return out
 
 
+def checkpoint_file_sizes(folder: str, world: int) -> dict[str, list[int]]:
+    """{relative path: sizes} of every file all ranks put in their checkpoint folders (a name two
+    ranks both write, such as DeepSpeed's "latest", may carry one size per rank)."""
+    mine = {os.path.relpath(os.path.join(d, f), folder): os.path.getsize(os.path.join(d, f))
+            for d, _, files in os.walk(folder) for f in files}
+    everyone = [mine]
+    if world > 1:
+        import torch.distributed as dist
+
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+    merged: dict[str, list[int]] = {}
+    for sizes in everyone:
+        for path, size in sizes.items():
+            if size not in merged.setdefault(path, []):
+                merged[path].append(size)
+    return merged
+
+
 def _read_state(ckpt) -> dict[str, Any]:
     with ckpt.as_directory() as d:
         with open(os.path.join(d, STATE_FILE)) as f:
@@ -278,6 +297,10 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
             state["world_size"], state["zero_stage"] = world, cfg.train.zero_stage
             if rank == 0:
                 torch.save(weights, os.path.join(tmp, WEIGHTS_FILE))
+            # Every rank's file sizes go into the state, so a scan can tell a whole checkpoint
+            # from one whose upload a dying rank cut short (names alone would pass).
+            state["files"] = checkpoint_file_sizes(tmp, world)
+            if rank == 0:
                 with open(os.path.join(tmp, STATE_FILE), "w") as f:
                     json.dump(state, f, indent=1)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
