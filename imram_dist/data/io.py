@@ -102,19 +102,6 @@ def read_bytes(url: str) -> bytes:
         return f.read()
 
 
-def exists(url: str) -> bool:
-    if is_s3(url):
-        bucket, key = split_s3(url)
-        try:
-            s3_client().head_object(Bucket=bucket, Key=key)
-            return True
-        except Exception as e:
-            if _s3_missing(e):
-                return False
-            raise
-    return os.path.exists(os.path.expanduser(url))
-
-
 def expand_urls(pattern: str | list[str]) -> list[str]:
     """Brace patterns (``shards/train-{00000..00009}.tar``) or lists -> list of URLs."""
     if isinstance(pattern, (list, tuple)):

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from .io import DataError, is_s3, join, s3_client, split_s3
+from .io import DataError, is_s3, join, s3_client, sha256_file, split_s3
 from .shards import MANIFEST, BadSampleReport, iter_shard, read_manifest
 from .tokenize import tokenize
 
@@ -93,8 +93,8 @@ def upload_dataset(root: str, dest: str, progress: bool = True, chunk_mb: int = 
     done = []
     for name in files:
         path = os.path.join(root, name)
-        local_sha = expected.get(name) or _sha256_local(path)
-        if name in expected and _sha256_local(path) != local_sha:
+        local_sha = expected.get(name) or sha256_file(path)
+        if name in expected and sha256_file(path) != local_sha:
             raise DataError(f"shard {name}: local file does not match its manifest sha256; not uploading")
         bucket, key = split_s3(join(dest, name))
         client.upload_file(path, bucket, key, Config=tc, ExtraArgs={"Metadata": {"sha256": local_sha}},
@@ -110,11 +110,3 @@ def upload_dataset(root: str, dest: str, progress: bool = True, chunk_mb: int = 
         done.append(name)
     bar.close()
     return {"dest": dest, "files": len(done), "bytes": total, "verified": True}
-
-
-def _sha256_local(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -50,17 +50,6 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank]
 
 
-def gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
-    """Every rank's n (e.g. its number of rows), in rank order."""
-    rank, world = _world()
-    if world == 1:
-        return [n]
-    t = torch.tensor([n], dtype=torch.long, device=device)
-    out = [torch.zeros_like(t) for _ in range(world)]
-    dist.all_gather(out, t)
-    return [int(v.item()) for v in out]
-
-
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """Concatenate every rank's ``x`` along dim 0 with gradients flowing back to each rank.
 
