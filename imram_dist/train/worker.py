@@ -292,7 +292,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
 
         tmp = tempfile.mkdtemp(prefix=f"imram_ckpt_r{rank}_")
         try:
-            engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"train_state": state})
+            engine.save_checkpoint(tmp, tag=CKPT_TAG)  # training state goes to STATE_FILE below
             weights = consolidated_fp32_state_dict(model, engine.optimizer)  # collective: every rank
             state["world_size"], state["zero_stage"] = world, cfg.train.zero_stage
             if rank == 0:
