@@ -164,6 +164,8 @@ class ClusterConfig:
     """CPUs reserved for each worker."""
     torch_threads: int = 0
     """torch intra-op threads per worker; 0: cluster.cpus_per_worker."""
+    gpus_per_worker: float = 1.0
+    """GPUs reserved for each worker when cluster.use_gpu is true (a fraction shares a GPU)."""
 
 
 @dataclass
@@ -204,6 +206,61 @@ class EvalConfig:
     """Queries per direction sampled into the --report files."""
     seed: int = 0
     """Seed for sampling the --report queries."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Scoring precision for evaluation: fp32 (exact reference) or bf16 (faster on AMX CPUs and GPUs)."""
+
+
+@dataclass
+class TuneConfig:
+    """Ray Tune hyper-parameter search (python -m imram_dist.tune); see docs/tuning.md."""
+
+    name: str = "imram-search"
+    """Search name: its folder under run.storage and its MLflow parent run; --resume continues it."""
+    space: str = "default"
+    """Search space: a name in tune/ (default, f30k, coco) or a YAML file mapping dotted keys to distributions."""
+    trials: int = 50
+    """Trials to run (configurations sampled from the space)."""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    """asha stops trials whose dev metric lags at each rung; fifo runs every trial to the end."""
+    search: Literal["random", "optuna"] = "random"
+    """Searcher: random sampling or Optuna's TPE."""
+    metric: str = "rsum"
+    """Dev metric that the scheduler, the searcher and model selection maximise."""
+    grace_epochs: int = 1
+    """ASHA: epochs every trial trains before it can be stopped."""
+    reduction_factor: int = 3
+    """ASHA: keep the top 1/reduction_factor of trials at each rung."""
+    max_concurrent: int = 0
+    """Trials running at once; 0: as many as the cluster's CPUs (or GPUs) can hold."""
+    driver_resource: str = "trial_driver"
+    """Custom Ray resource a trial driver takes 0.01 of, so drivers land on the nodes that offer it
+    (the head node of the cluster configs) and never take a CPU from their own workers."""
+    seed: int = 0
+    """Seed of the searcher's sampling."""
+    resume: bool = False
+    """Continue an interrupted search of the same tune.name and run.storage (Tuner.restore)."""
+    evaluate_best: bool = True
+    """Evaluate the best trial on eval.split and register its model."""
+    verbose: int = 0
+    """Ray Tune's own console output (0: off, only imram-dist's progress lines; 1-3: Ray's status table)."""
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking and model registry."""
+
+    enabled: bool = True
+    """Track runs in MLflow (python -m imram_dist.train and every search)."""
+    uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI: an sqlite file (artifacts beside it in mlartifacts/) or http://host:port of an mlflow server."""
+    experiment: str = "imram"
+    """MLflow experiment that holds the runs."""
+    registered_model: str = "imram-synth"
+    """Registry name the best model of a search is registered under (one per preset)."""
+    champion_alias: str = "champion"
+    """Registry alias that marks the best registered version on the same dataset and protocol."""
+    log_model: bool = True
+    """Log each trial's best epoch as an MLflow pyfunc model (weights, config and vocabulary)."""
 
 
 @dataclass
@@ -222,6 +279,10 @@ class Config:
     """Run identity and storage."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation."""
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    """Hyper-parameter search."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow tracking."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -403,6 +464,12 @@ def validate(cfg: Config) -> None:
         ("eval.block_images", cfg.eval.block_images >= 1, "at least 1"),
         ("eval.block_captions", cfg.eval.block_captions >= 1, "at least 1"),
         ("eval.fold_images", cfg.eval.fold_images >= 1, "at least 1"),
+        ("cluster.gpus_per_worker", cfg.cluster.gpus_per_worker > 0, "positive"),
+        ("tune.trials", cfg.tune.trials >= 1, "at least 1"),
+        ("tune.grace_epochs", cfg.tune.grace_epochs >= 1, "at least 1"),
+        ("tune.reduction_factor", cfg.tune.reduction_factor >= 2, "at least 2"),
+        ("tune.max_concurrent", cfg.tune.max_concurrent >= 0, "0 (auto) or more"),
+        ("tune.name", bool(cfg.tune.name) and "/" not in cfg.tune.name, "a non-empty name without '/'"),
     ]
     for key, ok, expected in checks:
         if not ok:
@@ -449,28 +516,57 @@ def help_text(cfg: Config | None = None) -> str:
     return "\n".join(lines)
 
 
-def parse_cli(argv: list[str], prog: str, description: str) -> Config:
-    """``[--config FILE|PRESET] [key=value ...]`` -> Config; ``--help`` lists every key.
+def parse_cli(argv: list[str], prog: str, description: str,
+              shorthands: dict[str, str] | None = None) -> Config:
+    """``[--config FILE|PRESET] [--flag VALUE ...] [key=value ...]`` -> Config; ``--help`` lists
+    every key.
 
-    Without --config the ``default`` preset (small, CPU, synthetic corpus) applies, so a bare
-    command works on a laptop; the paper settings are ``--config f30k`` / ``--config coco``."""
+    ``shorthands`` maps a few named flags to config keys (``{"--trials": "tune.trials"}``): a
+    flag is only another spelling of its key, so its default and help come from the config; a
+    flag whose key is a bool takes no value and sets it true. Without --config the ``default``
+    preset (small, CPU, synthetic corpus) applies, so a bare command works on a laptop; the paper
+    settings are ``--config f30k`` / ``--config coco``."""
+    shorthands = shorthands or {}
+    keys = flat_keys()
+    for flag, key in shorthands.items():
+        if key not in keys:  # a programming error, caught by the CLI tests
+            raise ConfigError(f"shorthand {flag} names unknown config key {key!r}")
     preset = DEFAULT_PRESET
     overrides: list[str] = []
     args = list(argv)
     while args:
         arg = args.pop(0)
+        flag, eq, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
         if arg in ("-h", "--help"):
-            print(f"usage: python -m {prog} [--config PRESET_OR_FILE] [key=value ...]\n\n{description}\n"
-                  f"Without --config the {DEFAULT_PRESET!r} preset applies.\n")
+            flags = "".join(f" [{f}{'' if keys[k][2] is bool else ' ' + k.split('.')[-1].upper()}]"
+                            for f, k in shorthands.items())
+            print(f"usage: python -m {prog} [--config PRESET_OR_FILE]{flags} [key=value ...]\n\n"
+                  f"{description}\nWithout --config the {DEFAULT_PRESET!r} preset applies.\n")
+            if shorthands:
+                print("flags (shorthands for config keys; defaults and help from the keys below):")
+                for f, k in shorthands.items():
+                    print(f"  {f:<22} {k}  (default {keys[k][0]!r})")
+                print()
             print(f"presets: {sorted(p.stem for p in PRESETS_DIR.glob('*.yaml'))}\n\nkeys:")
             print(help_text())
             raise SystemExit(0)
-        if arg == "--config":
-            if not args:
+        if flag == "--config":
+            if not eq and not args:
                 raise ConfigError("--config needs a preset name or a YAML file")
-            preset = args.pop(0)
-        elif arg.startswith("--config="):
-            preset = arg.split("=", 1)[1]
+            preset = inline if eq else args.pop(0)
+        elif flag in shorthands:
+            key = shorthands[flag]
+            if keys[key][2] is bool and not eq:
+                overrides.append(f"{key}=true")
+            elif eq:
+                overrides.append(f"{key}={inline}")
+            elif args and not args[0].startswith("--"):
+                overrides.append(f"{key}={args.pop(0)}")
+            else:
+                raise ConfigError(f"{flag} needs a value (it sets {key})")
+        elif arg.startswith("-") and "=" not in arg.split(".")[0]:
+            known = ", ".join(["--config", *shorthands])
+            raise ConfigError(f"unknown flag {arg!r} (flags: {known}; everything else is key=value)")
         else:
             overrides.append(arg)
     return load_config(preset, overrides)
