@@ -5,13 +5,17 @@ full-IMRAM paper-size training step consumes samples (imram_dist.model.IMRAM, d=
     python benchmarks/bench_data.py [--quick] [--images N] [--train-batch B]
 
 Target: one reader (one process, no DataLoader workers) delivers >= 5x what one training
-worker consumes.
+worker consumes. Each reader is timed with shard verification before use (the default: a
+shard is fetched whole and its sha256 checked before any sample is yielded) and without
+(verify_checksums=False / no expected sha256), in alternating rounds of the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -45,25 +49,52 @@ def make_dataset(root, images, per_shard, R=36, D=2048):
         sha, size = w.close()
         shards.append(ShardInfo(name, w.images, w.captions, sha, size))
     split = SplitInfo("train", images, 5 * images, 5, shards)
-    write_manifest(root, Manifest(root, R, D, "float16", "vocab.json", {"train": split}))
+    vocab_sha = hashlib.sha256(open(os.path.join(root, "vocab.json"), "rb").read()).hexdigest()
+    write_manifest(root, Manifest(root, R, D, "float16", "vocab.json", {"train": split}, vocab_sha256=vocab_sha))
 
 
-def read_rate(root):
+def read_rate(root, verify=True):
+    """images/s of iter_shard over the split; verify=False streams without a checksum."""
     m = read_manifest(root)
     t0 = time.perf_counter()
     n = 0
     for sh in m.splits["train"].shards:
-        for _ in iter_shard(m.shard_url(sh), name=sh.name, expect=sh, regions=36, feature_dim=2048):
+        expect = sh if verify else ShardInfo(sh.name, sh.images, sh.captions, "", sh.bytes)
+        for _ in iter_shard(m.shard_url(sh), name=sh.name, expect=expect, regions=36, feature_dim=2048):
             n += 1
     return n / (time.perf_counter() - t0)
 
 
-def loader_rate(root, batch=128, workers=0):
-    tp = TrainPairs(root, "train", batch_size=batch, shuffle_buffer=1000, loader_workers=workers)
+def loader_rate(root, verify=True, batch=128, workers=0):
+    """images/s of one TrainPairs epoch (pairs/s is 5x)."""
+    tp = TrainPairs(root, "train", batch_size=batch, shuffle_buffer=1000, loader_workers=workers,
+                    verify_checksums=verify)
     t0 = time.perf_counter()
     pairs = sum(len(b) for b in tp)
     dt = time.perf_counter() - t0
-    return pairs / dt / 5, pairs / dt  # images/s, pairs/s
+    return pairs / dt / 5
+
+
+def interleaved(fns: dict, rounds: int) -> dict:
+    """Best rate of each reader over alternating rounds (a b a b ...), so that load from other
+    jobs on this machine hits every reader alike."""
+    best = {k: 0.0 for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            best[k] = max(best[k], f())
+    return best
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+        name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
+        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+        bf16 = [fl for fl in flags if "bf16" in fl]
+        return f"{name}, {os.cpu_count()} CPUs, bf16 flags: {' '.join(bf16) or 'none'}"
+    except OSError:
+        return platform.processor() or "unknown CPU"
 
 
 def train_rate(batch, threads):
@@ -117,9 +148,12 @@ def main():
     ap.add_argument("--per-shard", type=int, default=200)
     ap.add_argument("--train-batch", type=int, default=None, help="batch of the measured training step")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds per reader (best is kept)")
     args = ap.parse_args()
     images = args.images or (600 if args.quick else 3000)
     tb = args.train_batch or (16 if args.quick else 128)
+    args.rounds = args.rounds or (2 if args.quick else 3)
+    print(f"CPU: {cpu_model()}; load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, "ds")
         t0 = time.perf_counter()
@@ -129,8 +163,12 @@ def main():
               f"written in {time.perf_counter() - t0:.1f}s")
         res = {}
         read_rate(root)  # warm the page cache
-        res["local iter_shard (decode+validate+sha256)"] = read_rate(root)
-        res["local TrainPairs (batches of 128 pairs)"] = loader_rate(root)[0]
+        res.update(interleaved({
+            "local iter_shard, verified before use": lambda: read_rate(root, True),
+            "local iter_shard, no checksum": lambda: read_rate(root, False),
+            "local TrainPairs (batches of 128 pairs), verified": lambda: loader_rate(root, True),
+            "local TrainPairs (batches of 128 pairs), no checksum": lambda: loader_rate(root, False),
+        }, args.rounds))
 
         proc, url = start_moto()
         os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
@@ -144,8 +182,13 @@ def main():
             t0 = time.perf_counter()
             upload_dataset(root, "s3://bench/ds", progress=False)
             print(f"upload + verify to moto: {size / (time.perf_counter() - t0) / 1e6:.0f} MB/s")
-            res["s3 iter_shard (decode+validate+sha256)"] = read_rate("s3://bench/ds")
-            res["s3 TrainPairs (batches of 128 pairs)"] = loader_rate("s3://bench/ds")[0]
+            s3 = "s3://bench/ds"
+            res.update(interleaved({
+                "s3 iter_shard, verified before use": lambda: read_rate(s3, True),
+                "s3 iter_shard, no checksum": lambda: read_rate(s3, False),
+                "s3 TrainPairs (batches of 128 pairs), verified": lambda: loader_rate(s3, True),
+                "s3 TrainPairs (batches of 128 pairs), no checksum": lambda: loader_rate(s3, False),
+            }, args.rounds))
         finally:
             proc.terminate()
             proc.wait(timeout=10)
@@ -157,10 +200,16 @@ def main():
         print(f"  (batch {tb}: scoring is B x B pairs, so at the paper's batch 128 a step costs more per pair; "
               f"this rate is an upper bound)")
     need = rate / 5
-    print(f"\n{'reader (1 process)':46s} {'images/s':>9s} {'pairs/s':>9s} {'x training':>10s}")
+    print(f"\n{'reader (1 process)':54s} {'images/s':>9s} {'pairs/s':>9s} {'x training':>10s}")
     for name, r in res.items():
-        print(f"{name:46s} {r:9.0f} {5 * r:9.0f} {r / need:9.0f}x {'OK' if r >= 5 * need else 'BELOW 5x'}")
-
+        print(f"{name:54s} {r:9.0f} {5 * r:9.0f} {r / need:9.0f}x {'OK' if r >= 5 * need else 'BELOW 5x'}")
+    print("\ncost of verifying each shard before use (same run, best of alternating rounds):")
+    for where in ("local iter_shard", "local TrainPairs (batches of 128 pairs)", "s3 iter_shard",
+                  "s3 TrainPairs (batches of 128 pairs)"):
+        v = res[f"{where}, verified before use" if "iter_shard" in where else f"{where}, verified"]
+        u = res[f"{where}, no checksum"]
+        print(f"  {where:46s} verified {v:6.0f} images/s vs unverified {u:6.0f}: "
+              f"time per image {100 * (u / v - 1):+.0f}%")
 
 if __name__ == "__main__":
     main()

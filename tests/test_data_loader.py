@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
-import tarfile
+import threading
 
 import boto3
 import numpy as np
 import pytest
 import torch
 
-from imram_dist.data import DataError, TrainPairs, generate_synthetic, load_eval_split, read_manifest
+from imram_dist.data import (DataError, TrainPairs, generate_synthetic, iter_shard, load_eval_split,
+                             read_manifest)
 from imram_dist.data.__main__ import main as cli
 from imram_dist.data.convert import convert_precomp
 from imram_dist.data.shards import Manifest, ShardInfo, ShardWriter, SplitInfo, write_manifest
@@ -151,7 +153,9 @@ def build(root, samples_per_shard: list[list[dict]], raw: dict | None = None):
         sha, size = w.close()
         shards.append(ShardInfo(name, len(samples), ncap, sha, size))
     split = SplitInfo("train", sum(s.images for s in shards), sum(s.captions for s in shards), None, shards)
-    write_manifest(root, Manifest(str(root), R, D, "float16", "vocab.json", {"train": split}))
+    vocab_sha = hashlib.sha256(open(os.path.join(root, "vocab.json"), "rb").read()).hexdigest()
+    write_manifest(root, Manifest(str(root), R, D, "float16", "vocab.json", {"train": split},
+                                  vocab_sha256=vocab_sha))
     return str(root)
 
 
@@ -159,6 +163,13 @@ def npy(a):
     b = io.BytesIO()
     np.save(b, a)
     return b.getvalue()
+
+
+def corrupt_but_parseable(path):
+    """Change bytes in the middle of a shard so that it still parses (a caption's text)."""
+    data = open(path, "rb").read()
+    i = data.index(b"a dog number 1")
+    open(path, "wb").write(data[:i] + b"a cat number 1" + data[i + 14:])
 
 
 BAD_SAMPLES = {
@@ -201,8 +212,7 @@ def test_bad_shard(tmp_path, case):
         os.remove(path)
         msg = "train-00000.tar: listed in the manifest but absent"
     else:
-        i = data.index(b"a dog number 1")
-        open(path, "wb").write(data[:i] + b"a cat number 1" + data[i + 14:])
+        corrupt_but_parseable(path)
         msg = "train-00000.tar: checksum mismatch"
     with pytest.raises(DataError, match=msg):
         load_eval_split(root, "train")
@@ -222,3 +232,129 @@ def test_eval_split_with_more_images_than_the_manifest_is_a_clear_error(synth_ro
     (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=rf"split dev: shard dev-\d+\.tar key .*more images than the manifest's {real - 1}"):
         load_eval_split(str(root), "dev")
+
+
+# --- verified before use ------------------------------------------------------------------
+
+SHARD0_KEYS = {"s-000", "s-001", "s-002"}
+
+
+def test_checksum_mismatch_yields_no_sample_of_the_shard(tmp_path):
+    root = build(tmp_path / "ds", [[good(0), good(1), good(2)], [good(3), good(4), good(5)]])
+    corrupt_but_parseable(os.path.join(root, "train-00000.tar"))
+    # the damage is invisible to parsing: unverified, every pair of the shard comes through
+    loose = TrainPairs(root, "train", batch_size=1, shuffle_buffer=1, verify_checksums=False)
+    assert {k for b in loose for k in b.keys} >= SHARD0_KEYS
+    # verified: a DataError naming the shard before any of its samples is yielded (batches of
+    # one pair, shuffle buffer 1: a streaming check would have let several through)
+    for seed in range(4):  # some seeds read shard 1 first, some shard 0
+        seen: list[str] = []
+        with pytest.raises(DataError, match=r"shard train-00000.tar: checksum mismatch \(sha256 [0-9a-f]{16}\.\.\., "
+                                            r"manifest [0-9a-f]{16}\.\.\.\): none of its samples is used") as ei:
+            for b in TrainPairs(root, "train", batch_size=1, shuffle_buffer=1, seed=seed):
+                seen.extend(b.keys)
+        assert ei.value.shard == "train-00000.tar"
+        assert not SHARD0_KEYS & set(seen), seen
+    m = read_manifest(root)
+    with pytest.raises(DataError, match="checksum mismatch"):
+        next(iter_shard(m.shard_url(m.splits["train"].shards[0]), expect=m.splits["train"].shards[0]))
+    # skip_bad: the whole shard is left out and reported; the other shard trains
+    tp = TrainPairs(root, "train", batch_size=1, shuffle_buffer=1, skip_bad=True)
+    keys = {k for b in tp for k in b.keys}
+    assert keys == {"s-003", "s-004", "s-005"} and tp.bad_samples >= 1  # once per pass over the shards
+    assert all("train-00000.tar: checksum mismatch" in msg for msg in tp.report.messages)
+    ev = load_eval_split(root, "train", skip_bad=True)
+    assert ev.image_ids == ["3", "4", "5"]
+
+
+def test_checksum_mismatch_on_s3_yields_no_sample(tmp_path, s3_bucket):
+    root = build(tmp_path / "ds", [[good(0), good(1), good(2)], [good(3), good(4), good(5)]])
+    dest = f"s3://{s3_bucket}/datasets/corrupt"
+    assert cli(["upload", root, dest]) == 0
+    corrupt_but_parseable(os.path.join(root, "train-00000.tar"))
+    boto3.client("s3").upload_file(os.path.join(root, "train-00000.tar"), s3_bucket,
+                                   "datasets/corrupt/train-00000.tar")
+    seen: list[str] = []
+    with pytest.raises(DataError, match="shard train-00000.tar: checksum mismatch"):
+        for b in TrainPairs(dest, "train", batch_size=1, shuffle_buffer=1):
+            seen.extend(b.keys)
+    assert not SHARD0_KEYS & set(seen)
+
+
+def test_a_large_shard_is_verified_through_a_temporary_file(tmp_path, monkeypatch):
+    import imram_dist.data.io as dio
+
+    root = build(tmp_path / "ds", [[good(0), good(1), good(2)], [good(3), good(4), good(5)]])
+    monkeypatch.setattr(dio, "SPOOL_MAX_BYTES", 1024)  # every shard spills to disk
+    assert load_eval_split(root, "train").image_ids == ["0", "1", "2", "3", "4", "5"]
+    corrupt_but_parseable(os.path.join(root, "train-00000.tar"))
+    with pytest.raises(DataError, match="train-00000.tar: checksum mismatch"):
+        load_eval_split(root, "train")
+
+
+# --- unique temporary names ---------------------------------------------------------------
+
+def test_shard_writers_into_one_name_do_not_clash(tmp_path):
+    path = str(tmp_path / "train-00000.tar")
+    w1, w2 = ShardWriter(path), ShardWriter(path)
+    assert w1.tmp != w2.tmp and all(os.path.dirname(w.tmp) == str(tmp_path) for w in (w1, w2))
+    w1.write(**good(1))
+    w2.write(**good(2))
+    w1.close()
+    sha2, size2 = w2.close()
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == sha2 and os.path.getsize(path) == size2
+    w3 = ShardWriter(path)
+    w3.write(**good(3))
+    w3.abort()
+    assert os.listdir(tmp_path) == ["train-00000.tar"]
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == sha2
+
+
+def test_atomic_writes_from_threads_do_not_clash(tmp_path):
+    from imram_dist.data.io import atomic_write_bytes
+
+    path = tmp_path / "f.json"
+    errors: list[BaseException] = []
+
+    def write(i):
+        try:
+            for _ in range(40):
+                atomic_write_bytes(path, bytes([65 + i]) * 20000)
+        except BaseException as e:  # noqa: BLE001 (collected and asserted below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    data = path.read_bytes()
+    assert len(data) == 20000 and len(set(data)) == 1
+    assert os.listdir(tmp_path) == ["f.json"]
+
+
+# --- vocabulary checked against the manifest ---------------------------------------------
+
+def test_upload_refuses_a_vocabulary_that_does_not_match_the_manifest(tmp_path, s3_bucket, capsys):
+    make_precomp(tmp_path / "pre", n_train=4, n_dev=2, n_test=2)
+    out = tmp_path / "out"
+    m = convert_precomp(str(tmp_path / "pre"), str(out), samples_per_shard=10, progress=False)
+    Vocabulary(["a", "dog", "zebra"]).save(str(out / "vocab.json"))
+    dest = f"s3://{s3_bucket}/datasets/badvocab"
+    assert cli(["upload", str(out), dest]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'vocab.json'}: sha256 " in err and "field vocab_sha256" in err
+    assert f"(expected {m.vocab_sha256})" in err
+    assert boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="datasets/badvocab").get("KeyCount") == 0
+    # the loaders refuse it too (a different vocabulary would change every token id)
+    with pytest.raises(DataError, match=rf"vocab.json: sha256 [0-9a-f]{{64}} does not match field vocab_sha256 .*"
+                                        rf"\(expected {m.vocab_sha256}\)"):
+        TrainPairs(str(out), "train", batch_size=2)
+    # a manifest without the field cannot be checked: refused, naming the field
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["vocab_sha256"] = ""
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert cli(["upload", str(out), dest]) == 2
+    assert "manifest.json: field vocab_sha256 is missing or empty" in capsys.readouterr().err
+    assert boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="datasets/badvocab").get("KeyCount") == 0

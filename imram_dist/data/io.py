@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import secrets
+import tempfile
 import threading
 from urllib.parse import urlparse
 
@@ -120,13 +122,19 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def unique_tmp_path(path: str | os.PathLike) -> str:
+    """A temporary name beside path, unique per call (pid + random token), so that writers
+    in other processes or threads never share one; ends in ``.tmp``."""
+    return f"{os.fspath(path)}.{os.getpid()}-{secrets.token_hex(6)}.tmp"
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary name beside path (unique per process), fsync, then os.replace:
-    readers see the old file or the whole new one; a failed write leaves no temporary file."""
+    """Write to a unique temporary name beside path, fsync, then os.replace: readers see the
+    old file or the whole new one; a failed write leaves no temporary file."""
     path = os.path.expanduser(os.fspath(path))
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = unique_tmp_path(path)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -137,29 +145,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-class HashingReader:
-    """Wraps a binary stream; sha256 and byte count of everything read through it."""
+# A fetched shard stays in memory up to this size, beyond it in an anonymous temporary file.
+SPOOL_MAX_BYTES = 512 << 20
 
-    def __init__(self, stream):
-        self.stream = stream
-        self.sha = hashlib.sha256()
-        self.nbytes = 0
 
-    def read(self, n: int = -1) -> bytes:
-        b = self.stream.read(n) if n is not None and n >= 0 else self.stream.read()
-        self.sha.update(b)
-        self.nbytes += len(b)
-        return b
-
-    def drain(self) -> None:
-        while self.read(1 << 22):
-            pass
-
-    def hexdigest(self) -> str:
-        return self.sha.hexdigest()
-
-    def close(self) -> None:
-        try:
-            self.stream.close()
-        except Exception:
-            pass
+def fetch_hashed(stream, chunk: int = 1 << 22) -> tuple[tempfile.SpooledTemporaryFile, str, int]:
+    """Read a whole stream into a private copy (memory, or an unlinked temporary file when it
+    is large) while hashing it -> (copy rewound to 0, sha256 hex, bytes). The bytes a caller
+    parses from the copy are exactly the bytes that were hashed: nothing can change them
+    between the checksum and their use (unlike hashing a file, then reading it again)."""
+    copy = tempfile.SpooledTemporaryFile(max_size=SPOOL_MAX_BYTES)
+    h = hashlib.sha256()
+    n = 0
+    try:
+        while True:
+            b = stream.read(chunk)
+            if not b:
+                break
+            h.update(b)
+            copy.write(b)
+            n += len(b)
+    except BaseException:
+        copy.close()
+        raise
+    copy.seek(0)
+    return copy, h.hexdigest(), n

@@ -8,6 +8,7 @@ See docs/data.md for the manifest.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import DataError, HashingReader, atomic_write_bytes, join, open_stream, read_bytes, sha256_file
+from .io import DataError, atomic_write_bytes, fetch_hashed, join, open_stream, read_bytes, sha256_file, unique_tmp_path
 from .tokenize import Vocabulary
 
 log = logging.getLogger("imram_dist.data")
@@ -76,7 +77,11 @@ class Manifest:
         return join(self.root, self.vocab)
 
     def load_vocab(self) -> Vocabulary:
-        return Vocabulary.load(self.vocab_url)
+        """The vocabulary, checked against vocab_sha256 when the manifest records one (a
+        different vocab.json would silently change every token id)."""
+        raw = read_bytes(self.vocab_url)
+        check_vocab_bytes(raw, self)
+        return Vocabulary.loads(raw)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -92,6 +97,17 @@ class Manifest:
 
     def dumps(self) -> bytes:
         return json.dumps(self.to_json(), indent=1, sort_keys=True).encode() + b"\n"
+
+
+def check_vocab_bytes(raw: bytes, manifest: Manifest) -> None:
+    """DataError naming the file, the field and the expected value when raw (vocab.json) does
+    not hash to the manifest's vocab_sha256 (no check when the manifest records none)."""
+    if not manifest.vocab_sha256:
+        return
+    got = hashlib.sha256(raw).hexdigest()
+    if got != manifest.vocab_sha256:
+        raise DataError(f"{manifest.vocab_url}: sha256 {got} does not match field vocab_sha256 of "
+                        f"{join(manifest.root, MANIFEST)} (expected {manifest.vocab_sha256})")
 
 
 def read_manifest(root: str) -> Manifest:
@@ -140,16 +156,17 @@ def encode_json(obj: Any) -> bytes:
 
 class ShardWriter:
     """Writes one tar shard with deterministic bytes (fixed mtime/uid/gid/mode, file order
-    json then npy per sample) to NAME.tmp; ``close()`` fsyncs, renames it to NAME and returns
+    json then npy per sample) to a unique temporary name beside NAME (``self.tmp``), so that
+    writers into one folder never clash; ``close()`` fsyncs, renames it to NAME and returns
     (sha256, size). A crash never leaves a partial shard under its final name."""
 
     def __init__(self, path: str, dtype: str = "float16"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.path = path
-        self.tmp = path + ".tmp"
+        self.tmp = unique_tmp_path(path)
         self.dtype = np.dtype(dtype)
-        self._f = open(self.tmp, "wb")
+        self._f = open(self.tmp, "xb")
         self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)
         self.images = 0
         self.captions = 0
@@ -266,16 +283,103 @@ def decode_sample(key: str, files: dict[str, bytes], shard: str, regions: int | 
                   meta=doc.get("meta"))
 
 
+class _Cursor:
+    """Where the parse of one shard is: samples seen so far and the last complete key."""
+
+    def __init__(self) -> None:
+        self.index = 0
+        self.last_key = "(none)"
+
+
+def _tar_samples(stream, name: str, regions: int | None, feature_dim: int | None,
+                 bad: Callable[..., None], keep: Callable[[int], bool] | None, with_regions: bool,
+                 cur: _Cursor) -> Iterator[Sample]:
+    """Parse one shard's tar stream into validated samples, in order; every defect goes to
+    ``bad(message, key)`` (which raises, or records and lets the parse go on)."""
+
+    def finish(key: str, files: dict[str, bytes]):
+        i = cur.index
+        cur.index += 1
+        cur.last_key = key
+        if keep is not None and not keep(i):
+            return None
+        try:
+            return decode_sample(key, files, name, regions, feature_dim, with_regions)
+        except DataError as e:
+            bad(str(e), key)
+            return None
+
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|")
+        cur_key, files = None, {}
+        for member in tar:
+            if not member.isreg():
+                continue
+            key, dot, ext = member.name.rpartition("/")[2].partition(".")
+            data = tar.extractfile(member).read()
+            tar.members = []
+            if key != cur_key:
+                if cur_key is not None:
+                    s = finish(cur_key, files)
+                    if s is not None:
+                        yield s
+                cur_key, files = key, {}
+            if ext in files:
+                bad(f"shard {name}, key {key}: duplicate file {member.name}", key)
+            files[ext.lower()] = data
+        if cur_key is not None:
+            s = finish(cur_key, files)
+            if s is not None:
+                yield s
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        bad(f"shard {name}: corrupt or truncated tar after key {cur.last_key}: {type(e).__name__}: {e}",
+            cur.last_key)
+
+
+def _close(stream) -> None:
+    try:
+        stream.close()
+    except Exception:
+        pass
+
+
+def _reject_shard(copy, name: str, digest: str, expect: ShardInfo, regions: int | None,
+                  feature_dim: int | None, skip_bad: bool, report: BadSampleReport) -> None:
+    """A shard whose sha256 differs from the manifest's: none of its samples is used. Its
+    private copy is parsed (nothing yielded) only to say what else is wrong with it."""
+    found: list[tuple[str, str]] = []
+    cur = _Cursor()
+    for _ in _tar_samples(copy, name, regions, feature_dim, lambda m, k="": found.append((m, k)), None,
+                          True, cur):
+        pass
+    if cur.index != expect.images:
+        found.append((f"shard {name}: holds {cur.index} samples, the manifest says {expect.images} "
+                      f"(truncated or replaced shard; last key {cur.last_key})", cur.last_key))
+    what = f"checksum mismatch (sha256 {digest[:16]}..., manifest {expect.sha256[:16]}...)"
+    if not skip_bad:
+        if found:
+            msg, key = found[0]
+            raise DataError(f"{msg}; and the shard's {what}: none of its samples is used", name, key)
+        raise DataError(f"shard {name}: {what}: none of its samples is used", name)
+    for msg, _ in found:
+        report.add(msg)
+    report.add(f"shard {name}: {what}: all its samples skipped")
+
+
 def iter_shard(url: str, *, name: str | None = None, expect: ShardInfo | None = None,
                regions: int | None = None, feature_dim: int | None = None,
                skip_bad: bool = False, report: BadSampleReport | None = None,
                keep: Callable[[int], bool] | None = None, with_regions: bool = True) -> Iterator[Sample]:
     """Stream the samples of one shard (local path or s3:// URL), validating each.
 
+    With ``expect`` carrying a sha256, the shard is verified before use: it is fetched whole
+    into a private copy (memory, or an unlinked temporary file past ``io.SPOOL_MAX_BYTES``)
+    while hashed, and parsed from that copy only when the digest matches; a mismatch yields no
+    sample at all. With ``expect`` the sample count is checked when the shard ends.
     ``keep(i)`` selects samples by their index in the shard (others are read but not decoded).
-    With ``expect`` the sample count and sha256 are checked when the shard ends. Errors raise
-    DataError naming the shard and key; with ``skip_bad`` they are added to ``report`` and the
-    sample (or, for a missing/corrupt shard, the rest of the shard) is skipped.
+    Errors raise DataError naming the shard and key; with ``skip_bad`` they are added to
+    ``report`` and the sample (or, for a missing, corrupt or mismatching shard, the rest of the
+    shard) is skipped.
     """
     name = name or url.rsplit("/", 1)[-1]
     report = report if report is not None else BadSampleReport()
@@ -293,60 +397,24 @@ def iter_shard(url: str, *, name: str | None = None, expect: ShardInfo | None = 
     except Exception as e:
         bad(f"shard {name}: cannot open {url}: {e}")
         return
-    stream = HashingReader(raw)
-    index = 0
-    last_key = "(none)"
-
-    def finish(key: str, files: dict[str, bytes]):
-        nonlocal index
-        i = index
-        index += 1
-        if keep is not None and not keep(i):
-            return None
+    source = raw
+    if expect is not None and expect.sha256:
         try:
-            return decode_sample(key, files, name, regions, feature_dim, with_regions)
-        except DataError as e:
-            bad(str(e), key)
-            return None
-
-    try:
-        try:
-            tar = tarfile.open(fileobj=stream, mode="r|")
-            cur_key, files = None, {}
-            for member in tar:
-                if not member.isreg():
-                    continue
-                key, dot, ext = member.name.rpartition("/")[2].partition(".")
-                data = tar.extractfile(member).read()
-                tar.members = []
-                if key != cur_key:
-                    if cur_key is not None:
-                        s = finish(cur_key, files)
-                        last_key = cur_key
-                        if s is not None:
-                            yield s
-                    cur_key, files = key, {}
-                if ext in files:
-                    bad(f"shard {name}, key {key}: duplicate file {member.name}", key)
-                files[ext.lower()] = data
-            if cur_key is not None:
-                s = finish(cur_key, files)
-                last_key = cur_key
-                if s is not None:
-                    yield s
-            stream.drain()
-        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-            if isinstance(e, DataError):
-                raise
-            bad(f"shard {name}: corrupt or truncated tar after key {last_key}: {type(e).__name__}: {e}",
-                last_key)
+            source, digest, _ = fetch_hashed(raw)
+        except Exception as e:  # OSError, or botocore's errors for an S3 body cut short
+            bad(f"shard {name}: cannot read {url}: {type(e).__name__}: {e}")
             return
-        if expect is not None:
-            if index != expect.images:
-                bad(f"shard {name}: holds {index} samples, the manifest says {expect.images} "
-                    f"(truncated or replaced shard; last key {last_key})", last_key)
-            elif expect.sha256 and stream.hexdigest() != expect.sha256:
-                bad(f"shard {name}: checksum mismatch (sha256 {stream.hexdigest()[:16]}..., "
-                    f"manifest {expect.sha256[:16]}...)")
+        finally:
+            _close(raw)
+        if digest != expect.sha256:
+            with source:
+                _reject_shard(source, name, digest, expect, regions, feature_dim, skip_bad, report)
+            return
+    cur = _Cursor()
+    try:
+        yield from _tar_samples(source, name, regions, feature_dim, bad, keep, with_regions, cur)
+        if expect is not None and cur.index != expect.images:
+            bad(f"shard {name}: holds {cur.index} samples, the manifest says {expect.images} "
+                f"(truncated or replaced shard; last key {cur.last_key})", cur.last_key)
     finally:
-        stream.close()
+        _close(source)

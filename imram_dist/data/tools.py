@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from .io import DataError, is_s3, join, s3_client, sha256_file, split_s3
-from .shards import MANIFEST, BadSampleReport, iter_shard, read_manifest
+from .shards import MANIFEST, BadSampleReport, check_vocab_bytes, iter_shard, read_manifest
 from .tokenize import tokenize
 
 log = logging.getLogger("imram_dist.data")
@@ -83,8 +83,17 @@ def upload_dataset(root: str, dest: str, progress: bool = True, chunk_mb: int = 
     if not is_s3(dest):
         raise ValueError(f"destination must be s3://bucket/prefix, got {dest!r}")
     m = read_manifest(root)
-    expected = {sh.name: sh.sha256 for s in m.splits.values() for sh in s.shards}
     files = _local_files(root) + [MANIFEST]
+    # Every file but the manifest has an expected sha256 in the manifest; check each before it goes.
+    manifest_path = os.path.join(root, MANIFEST)
+    vocab_path = os.path.join(root, m.vocab)
+    if not m.vocab_sha256:
+        raise DataError(f"{manifest_path}: field vocab_sha256 is missing or empty; expected the sha256 of "
+                        f"{vocab_path} ({sha256_file(vocab_path)}); not uploading")
+    with open(vocab_path, "rb") as f:
+        check_vocab_bytes(f.read(), m)  # names vocab.json, the field and the expected value
+    expected = {sh.name: sh.sha256 for s in m.splits.values() for sh in s.shards}
+    expected[m.vocab] = m.vocab_sha256
     client = s3_client()
     tc = TransferConfig(multipart_threshold=chunk_mb << 20, multipart_chunksize=chunk_mb << 20,
                         max_concurrency=max_concurrency)
@@ -93,8 +102,8 @@ def upload_dataset(root: str, dest: str, progress: bool = True, chunk_mb: int = 
     done = []
     for name in files:
         path = os.path.join(root, name)
-        local_sha = expected.get(name) or sha256_file(path)
-        if name in expected and sha256_file(path) != local_sha:
+        local_sha = sha256_file(path)
+        if name in expected and local_sha != expected[name]:
             raise DataError(f"shard {name}: local file does not match its manifest sha256; not uploading")
         bucket, key = split_s3(join(dest, name))
         client.upload_file(path, bucket, key, Config=tc, ExtraArgs={"Metadata": {"sha256": local_sha}},
