@@ -7,7 +7,8 @@ from .checkpoint import (
     save_inference_checkpoint,
 )
 from .encoders import ImageEncoder, TextEncoder, l2norm
-from .imram import IMRAM, ModelInputError
+from . import kernels
+from .imram import IMRAM, ModelInputError, compute_dtype
 from .loss import directional_hinge_loss, hinge_loss
 
 __all__ = [
@@ -15,9 +16,11 @@ __all__ = [
     "CheckpointError",
     "ImageEncoder",
     "ModelInputError",
+    "compute_dtype",
     "TextEncoder",
     "directional_hinge_loss",
     "hinge_loss",
+    "kernels",
     "l2norm",
     "load_inference_checkpoint",
     "load_reference_checkpoint",

@@ -11,10 +11,23 @@ from torch.utils.checkpoint import checkpoint
 
 from imram_dist.config import ModelConfig
 
-from . import scoring
+from . import kernels, scoring
 from .encoders import ImageEncoder, TextEncoder
 
 MODES = ("full", "text", "image")
+KERNEL_CHOICES = kernels.CHOICES
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the scoring matmuls run in: autocast's for the tensors' device when autocast is on
+    there, else the promoted dtype of the tensors."""
+    device_type = tensors[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 class ModelInputError(ValueError):
@@ -45,9 +58,14 @@ class IMRAM(nn.Module):
     Parameter names follow the authors' SCAN class (img_enc.fc_local, txt_enc.embed, txt_enc.rnn,
     linear_t2i, gate_t2i, linear_i2t, gate_i2t). Both MDUs always exist (as in the authors' code),
     whatever the mode, so checkpoints are interchangeable between modes.
+
+    ``kernels`` picks the elementwise kernels of pair scoring (imram_dist.model.kernels): "eager"
+    (the reference), "fused" (torch.compile'd), or "auto" (fused where it was measured faster for
+    the device and compute dtype). It is a plain attribute (not in the state dict): set
+    ``model.kernels`` to change it.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, kernels: str = "auto") -> None:
         super().__init__()
         _check_config(config)
         self.config = config
@@ -60,6 +78,16 @@ class IMRAM(nn.Module):
         self.gate_i2t = nn.Linear(2 * d, d)
         self._block = scoring.score_block
         self._compiled_block = None  # built on first no-grad use when config.compile_scoring
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels: expected one of {list(KERNEL_CHOICES)}, got {kernels!r}")
+        self.kernels = kernels
+
+    def kernels_for(self, device: torch.device, dtype: torch.dtype) -> "kernels.Kernels":
+        """The elementwise kernels that scoring uses on this device in this compute dtype. The whole
+        compiled core (config.compile_scoring, no grad) traces the eager reference itself."""
+        if self.config.compile_scoring and not torch.is_grad_enabled():
+            return kernels.EAGER
+        return kernels.select(self.kernels, device, dtype)
 
     def _block_fn(self, grad: bool):
         """The scoring core for one block: eager, or (no grad, config.compile_scoring) compiled once
@@ -144,7 +172,10 @@ class IMRAM(nn.Module):
         """All-pairs scores [N, M] of encoded images [N, R, d] and captions [M, L, d].
 
         Differentiable (chunks are recomputed in backward when there is more than one) and also
-        fine under torch.no_grad(); computes in the embeddings' dtype on their device."""
+        fine under torch.no_grad(). Runs on the embeddings' device; the matmuls run in the compute
+        dtype: autocast's when autocast is on for that device, else the embeddings' (promoted).
+        Attention, norms, cosines and the scores are computed in fp32 for half-precision compute,
+        so the result is fp32 then (fp64 for fp64)."""
         d = self.config.embed_size
         for name, t in (("image_emb", image_emb), ("caption_emb", caption_emb)):
             if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[-1] != d or not t.is_floating_point():
@@ -155,12 +186,19 @@ class IMRAM(nn.Module):
         N, R, _ = image_emb.shape
         M, L, _ = caption_emb.shape
         lengths = self._check_lengths(lengths, M, L, "caption_emb")
-        dtype = torch.promote_types(image_emb.dtype, caption_emb.dtype)
         device = image_emb.device
-        V = image_emb.to(dtype)
-        W = caption_emb.to(device=device, dtype=dtype)
+        dtype = compute_dtype(image_emb, caption_emb)
+        # our own dtype policy from here on (autocast would mix dtypes inside the fused update)
+        with torch.autocast(device.type, enabled=False):
+            return self._similarity(image_emb.to(dtype), caption_emb.to(device=device, dtype=dtype), lengths)
+
+    def _similarity(self, V: torch.Tensor, W: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        N, R, d = V.shape
+        M, L, _ = W.shape
+        dtype, device = V.dtype, V.device
+        acc = scoring.accumulation_dtype(dtype)
         if N == 0 or M == 0:
-            return V.new_zeros(N, M)
+            return V.new_zeros(N, M, dtype=acc)
         lengths = lengths.to(device)
         c = self.config
         text, image = c.mode in ("full", "text"), c.mode in ("full", "image")
@@ -177,7 +215,8 @@ class IMRAM(nn.Module):
         n_blk = min(N, max(1, pairs // m_blk))
         n_chunks = math.ceil(N / n_blk) * math.ceil(M / m_blk)
         fn = functools.partial(self._block_fn(grad), text=text, image=image, steps=c.steps,
-                               lam=float(c.lambda_softmax), renorm=bool(c.renorm_query))
+                               lam=float(c.lambda_softmax), renorm=bool(c.renorm_query),
+                               kern=self.kernels_for(device, dtype))
         Wx_t = mdu_t[0] if text else None
         Wx_i = mdu_i[0] if image else None
         rows = []
@@ -198,7 +237,7 @@ class IMRAM(nn.Module):
                 args = (V[i0:i1], p.Vn[i0:i1], sl(p.Gv, i0, i1), sl(p.VWc_t, i0, i1), sl(p.VWx_i, i0, i1),
                         p.W[j0:j1, :Lb], p.mask[j0:j1, :Lb], sl(p.Gw, j0, j1, slice(0, Lb), slice(0, Lb)),
                         sl(p.WWc_i, j0, j1, slice(0, Lb)), sl(p.Wp, o0, o1), sl(p.Wpn, o0, o1),
-                        sl(p.WpWx_t, o0, o1), seg, lens.to(dtype), Wx_t, Wx_i)
+                        sl(p.WpWx_t, o0, o1), seg, lens.to(acc), Wx_t, Wx_i)
                 if grad and n_chunks > 1:
                     cols.append(checkpoint(fn, *args, use_reentrant=False))
                 else:

@@ -12,6 +12,12 @@ Exact algebra, no approximation (see docs/model.md, "Factorisation"):
 Only the later-step query projections W_x x_k (k >= 1) are paid per pair, as one big matmul over
 (pairs x query rows) x d.
 
+Precision: the matmuls run in the compute dtype (fp32, or bf16/fp16 for mixed precision); the
+attention-sized work (leaky ReLU, the query-axis norms, softmax, Gram products, cosines, the score
+sums) runs in the accumulation dtype acc = promote(compute dtype, fp32): fp32 for half precision.
+It is ~1/50 of the per-pair work, so fp32 there costs little and keeps the softmax, the norms and
+the scores accurate (a bf16 score near 4 would be rounded to a multiple of 1/64, tying ranks).
+
 Layouts inside a block of n images x m captions:
   * text direction (query = words, context = regions): the block's real words are packed
     ([T] = all words of the m captions, no padding), tensors are [n, T, ...];
@@ -27,24 +33,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .kernels import EAGER, Kernels
+
 EPS = 1e-8
 TINY = 1e-30  # floor under squared norms before sqrt: keeps gradients finite, never changes a value
 
 
 def _l2norm(x: torch.Tensor) -> torch.Tensor:
     return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + EPS)
-
-
-def gate_update(pre: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """MDU output g * q + (1 - g) * o = lerp(o, q, g) with g = sigmoid(pre[..., :d]) and
-    o = tanh(pre[..., d:])."""
-    d = q.shape[-1]
-    if torch.is_grad_enabled():
-        return torch.lerp(torch.tanh(pre[..., d:]), q, torch.sigmoid(pre[..., :d]))
-    # no autograd: three in-place passes inside pre (a fresh temporary owned by the caller), no new
-    # allocation; the result is a strided view on pre's second half
-    g = pre[..., :d].sigmoid_()
-    return pre[..., d:].tanh_().lerp_(q, g)
 
 
 @dataclass
@@ -79,13 +75,22 @@ def split_mdu(gate: torch.nn.Linear, linear: torch.nn.Linear) -> tuple[torch.Ten
     return w[:, :d].contiguous(), w[:, d:].contiguous(), torch.cat([gate.bias, linear.bias], 0)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half-precision compute, the compute dtype itself otherwise (fp32, fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def prepare(V: torch.Tensor, W: torch.Tensor, lengths: torch.Tensor, text: bool, image: bool,
             steps: int, mdu_t: tuple | None, mdu_i: tuple | None) -> Prepared:
+    """V, W and the MDU weights are in the compute dtype; norms and Gram matrices come out in the
+    accumulation dtype (computed from the same, possibly rounded, vectors the matmuls see)."""
     N, R, d = V.shape
     M, L, _ = W.shape
+    acc = accumulation_dtype(V.dtype)
     mask = torch.arange(L, device=W.device).unsqueeze(0) < lengths.unsqueeze(1)
     W = torch.where(mask.unsqueeze(-1), W, torch.zeros((), dtype=W.dtype, device=W.device))
-    Vn = torch.linalg.vector_norm(V, dim=-1)
+    Va = V.to(acc)
+    Vn = torch.linalg.vector_norm(Va, dim=-1)
     more = steps > 1
     Gv = VWc_t = VWx_i = Gw = WWc_i = Wp = Wpn = WpWx_t = None
     len_list = lengths.tolist()
@@ -93,16 +98,17 @@ def prepare(V: torch.Tensor, W: torch.Tensor, lengths: torch.Tensor, text: bool,
     for n_words in len_list:
         offsets.append(offsets[-1] + n_words)
     if text:
-        Gv = torch.bmm(V, V.transpose(1, 2))
+        Gv = torch.bmm(Va, Va.transpose(1, 2))
         Wp = W[mask]  # [T, d], row-major order = caption after caption
-        Wpn = torch.linalg.vector_norm(Wp, dim=-1)
+        Wpn = torch.linalg.vector_norm(Wp.to(acc), dim=-1)
         if more:
             Wx_t, Wc_t, b_t = mdu_t
             # the bias rides on the context projection: attention weights sum to 1 over the context
             VWc_t = torch.addmm(b_t, V.reshape(N * R, d), Wc_t.t()).view(N, R, 2 * d)
             WpWx_t = Wp @ Wx_t.t()
     if image:
-        Gw = torch.bmm(W, W.transpose(1, 2))
+        Wa = W.to(acc)
+        Gw = torch.bmm(Wa, Wa.transpose(1, 2))
         if more:
             Wx_i, Wc_i, b_i = mdu_i
             VWx_i = (V.reshape(N * R, d) @ Wx_i.t()).view(N, R, 2 * d)
@@ -110,19 +116,28 @@ def prepare(V: torch.Tensor, W: torch.Tensor, lengths: torch.Tensor, text: bool,
     return Prepared(V, Vn, Gv, VWc_t, VWx_i, W, mask, Gw, WWc_i, Wp, Wpn, WpWx_t, lengths, offsets)
 
 
+def _renorm(X: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and X.requires_grad:
+        return _l2norm(X)
+    return X.div_(torch.linalg.vector_norm(X, dim=-1, keepdim=True).add_(EPS))
+
+
 def text_direction(V, Gv, VWc, Wp, Wpn, WpWx, seg, lens, Wx, *, m: int, steps: int, lam: float,
-                   renorm: bool) -> torch.Tensor:
-    """Text-IMRAM for n images x m captions whose T real words are packed in Wp; returns [n, m]."""
+                   renorm: bool, kern: Kernels = EAGER) -> torch.Tensor:
+    """Text-IMRAM for n images x m captions whose T real words are packed in Wp; returns [n, m]
+    in the accumulation dtype (Gv's)."""
     n, R, d = V.shape
     T = Wp.shape[0]
-    S0 = (V.reshape(n * R, d) @ Wp.t()).view(n, R, T).transpose(1, 2).contiguous()  # [n, T, R]
+    acc = Gv.dtype
+    # [n, T, R] raw first-step attention, in acc (also the cosine numerators of every step)
+    S0 = (V.reshape(n * R, d) @ Wp.t()).view(n, R, T).transpose(1, 2).to(acc).contiguous()
     # segment sums over the packed words as a matmul with the [m, T] caption one-hot (exact: products
     # with 1 and 0); unlike index_add_ this also compiles cleanly with dynamic shapes
-    onehot = (torch.arange(m, device=seg.device).unsqueeze(1) == seg.unsqueeze(0)).to(V.dtype)
-    score = V.new_zeros(n, m)
+    onehot = (torch.arange(m, device=seg.device).unsqueeze(1) == seg.unsqueeze(0)).to(acc)
+    score = Gv.new_zeros(n, m)
     X = None
     for k in range(steps):
-        A = S0 if k == 0 else torch.bmm(X, V.transpose(1, 2))
+        A = S0 if k == 0 else torch.bmm(X, V.transpose(1, 2)).to(acc)
         A = F.leaky_relu(A, 0.1)
         # L2 over the query axis = over the words of each caption (segment sum over T)
         sq = torch.matmul(onehot, A * A)  # [n, m, R]
@@ -133,30 +148,29 @@ def text_direction(V, Gv, VWc, Wp, Wpn, WpWx, seg, lens, Wx, *, m: int, steps: i
         cos = num / (Wpn * c2.clamp_min(TINY).sqrt()).clamp_min(EPS)
         score = score + (cos @ onehot.t()) / lens
         if k + 1 < steps:
-            if k == 0:
-                pre = torch.baddbmm(WpWx.unsqueeze(0), wts, VWc)
-                q = Wp.unsqueeze(0)
+            w = wts.to(V.dtype)
+            if k == 0:  # first-step query projection: per caption, broadcast over the images
+                X = kern.gate(torch.bmm(w, VWc), Wp.unsqueeze(0), WpWx.unsqueeze(0))
             else:
-                pre = (X.reshape(n * T, d) @ Wx.t()).view(n, T, 2 * d).baddbmm_(wts, VWc)
-                q = X
-            X = gate_update(pre, q)
+                X = kern.gate((X.reshape(n * T, d) @ Wx.t()).view(n, T, 2 * d), X, torch.bmm(w, VWc))
             if renorm:
-                X = _l2norm(X) if torch.is_grad_enabled() else X.div_(
-                    torch.linalg.vector_norm(X, dim=-1, keepdim=True).add_(EPS))
+                X = _renorm(X)
     return score
 
 
 def image_direction(V, Vn, VWx, W, mask, Gw, WWc, Wx, *, steps: int, lam: float,
-                    renorm: bool) -> torch.Tensor:
-    """Image-IMRAM for n images x m captions (words padded to L, masked); returns [n, m]."""
+                    renorm: bool, kern: Kernels = EAGER) -> torch.Tensor:
+    """Image-IMRAM for n images x m captions (words padded to L, masked); returns [n, m] in the
+    accumulation dtype (Gw's)."""
     n, R, d = V.shape
     m, L, _ = W.shape
-    S0 = (W.reshape(m * L, d) @ V.reshape(n * R, d).t()).view(m, L, n * R).transpose(1, 2).contiguous()
+    acc = Gw.dtype
+    S0 = (W.reshape(m * L, d) @ V.reshape(n * R, d).t()).view(m, L, n * R).transpose(1, 2).to(acc).contiguous()
     neg = ~mask.view(m, 1, 1, L)
-    score = V.new_zeros(m, n)
+    score = Gw.new_zeros(m, n)
     X = None
     for k in range(steps):
-        A = S0 if k == 0 else torch.bmm(X, W.transpose(1, 2))  # [m, nR, L]
+        A = S0 if k == 0 else torch.bmm(X, W.transpose(1, 2)).to(acc)  # [m, nR, L]
         A = F.leaky_relu(A, 0.1).view(m, n, R, L)
         A = A / (A.pow(2).sum(2, keepdim=True).clamp_min(TINY).sqrt() + EPS)  # over regions
         wts = torch.softmax((A * lam).masked_fill(neg, float("-inf")), dim=-1).view(m, n * R, L)
@@ -165,31 +179,29 @@ def image_direction(V, Vn, VWx, W, mask, Gw, WWc, Wx, *, steps: int, lam: float,
         cos = num / (Vn.reshape(1, n * R) * c2.clamp_min(TINY).sqrt()).clamp_min(EPS)
         score = score + cos.view(m, n, R).mean(-1)
         if k + 1 < steps:
-            if k == 0:
-                pre = torch.baddbmm(VWx.reshape(1, n * R, 2 * d), wts, WWc)
-                q = V.reshape(1, n * R, d)
+            w = wts.to(V.dtype)
+            if k == 0:  # first-step query projection: per image, broadcast over the captions
+                X = kern.gate(torch.bmm(w, WWc), V.reshape(1, n * R, d), VWx.reshape(1, n * R, 2 * d))
             else:
-                pre = (X.reshape(m * n * R, d) @ Wx.t()).view(m, n * R, 2 * d).baddbmm_(wts, WWc)
-                q = X
-            X = gate_update(pre, q)
+                X = kern.gate((X.reshape(m * n * R, d) @ Wx.t()).view(m, n * R, 2 * d), X, torch.bmm(w, WWc))
             if renorm:
-                X = _l2norm(X) if torch.is_grad_enabled() else X.div_(
-                    torch.linalg.vector_norm(X, dim=-1, keepdim=True).add_(EPS))
+                X = _renorm(X)
     return score.t()
 
 
 def score_block(V, Vn, Gv, VWc_t, VWx_i, W, mask, Gw, WWc_i, Wp, Wpn, WpWx_t, seg, lens,
                 Wx_t, Wx_i, *, text: bool, image: bool, steps: int, lam: float,
-                renorm: bool) -> torch.Tensor:
-    """Scores [n, m] of one block; every tensor argument is already sliced to the block."""
+                renorm: bool, kern: Kernels = EAGER) -> torch.Tensor:
+    """Scores [n, m] of one block (accumulation dtype); every tensor argument is already sliced
+    to the block."""
     m = W.shape[0]
     out = None
     if text:
         out = text_direction(V, Gv, VWc_t, Wp, Wpn, WpWx_t, seg, lens, Wx_t, m=m, steps=steps,
-                             lam=lam, renorm=renorm)
+                             lam=lam, renorm=renorm, kern=kern)
     if image:
         s = image_direction(V, Vn, VWx_i, W, mask, Gw, WWc_i, Wx_i, steps=steps, lam=lam,
-                            renorm=renorm)
+                            renorm=renorm, kern=kern)
         out = s if out is None else out + s
     return out
 

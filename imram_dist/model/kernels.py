@@ -1,0 +1,167 @@
+"""The elementwise kernels of the scoring core: the eager reference and a fused version.
+
+Only one elementwise step of IMRAM touches per-pair tensors of width d (everything else in a
+block is attention-sized, R x L per pair, ~50x smaller): the memory update
+  x_new = g * q + (1 - g) * tanh(o),  [g_pre ; o_pre] = a (+ b),  g = sigmoid(g_pre)
+where a is a matmul output of width 2d and b is a second addend (the per-row bias-carrying
+projection, or a second matmul output) or None. In eager PyTorch that is four passes over
+memory (add, sigmoid, tanh, lerp; tanh is slow in bf16 on CPU); the fused kernel (a custom
+autograd Function whose forward and backward are ``torch.compile``d pointwise functions:
+inductor makes one C++/OpenMP loop of each on CPU, one Triton kernel on GPU) reads a, b and q
+once and writes x_new once, computing in fp32 registers for half precision; under autograd it
+also writes the pre-activation (what the backward needs: sigmoid and tanh are recomputed there
+rather than stored) and its backward is one pass as well.
+
+``select(name, device, dtype)`` picks the implementation; ``"auto"`` uses the fused kernel
+where it was measured faster (benchmarks/bench_model.py prints both) and the backend is
+usable, the eager reference elsewhere. The eager path is the reference the tests check the
+fused one against.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+CHOICES = ("auto", "eager", "fused")
+
+
+def gate_eager(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference: lerp(tanh(o), q, sigmoid(g)) with [g ; o] = a + b along the last dim."""
+    d = q.shape[-1]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, q, b)):
+        pre = a if b is None else a + b
+        return torch.lerp(torch.tanh(pre[..., d:]), q, torch.sigmoid(pre[..., :d]))
+    # no autograd: in-place passes inside a (a fresh temporary owned by the caller), no new
+    # allocation; the result is a strided view on a's second half
+    pre = a if b is None else a.add_(b)
+    g = pre[..., :d].sigmoid_()
+    return pre[..., d:].tanh_().lerp_(q, g)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _gate_fwd(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    d = q.shape[-1]
+    acc = _acc(a.dtype)
+    pre = a.to(acc) + b.to(acc)
+    out = torch.lerp(torch.tanh(pre[..., d:]), q.to(acc), torch.sigmoid(pre[..., :d]))
+    return out.to(a.dtype)
+
+
+def _gate_fwd_save(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d = q.shape[-1]
+    acc = _acc(a.dtype)
+    pre = a.to(acc) + b.to(acc)
+    out = torch.lerp(torch.tanh(pre[..., d:]), q.to(acc), torch.sigmoid(pre[..., :d]))
+    return out.to(a.dtype), pre.to(a.dtype)
+
+
+def _gate_bwd(pre: torch.Tensor, q: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d(x_new)/d(pre) and d(x_new)/d(q) times grad, from the saved pre-activation (recomputes
+    sigmoid and tanh instead of storing them)."""
+    d = q.shape[-1]
+    acc = _acc(pre.dtype)
+    p = pre.to(acc)
+    gr = grad.to(acc)
+    g = torch.sigmoid(p[..., :d])
+    o = torch.tanh(p[..., d:])
+    d_g = gr * (q.to(acc) - o) * g * (1 - g)
+    d_o = gr * (1 - g) * (1 - o * o)
+    return torch.cat([d_g, d_o], -1).to(pre.dtype), (gr * g).to(q.dtype)
+
+
+# Dynamic shapes: every block size (and a new batch size) reuses the same kernels; what still
+# makes a new graph is the dtype and a broadcast (size-1) leading dimension, so the recompile limit
+# is raised for these functions (8 by default is shared per function).
+_RECOMPILE_LIMIT = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(name: str) -> Callable:
+    fn = {"fwd": _gate_fwd, "fwd_save": _gate_fwd_save, "bwd": _gate_bwd}[name]
+    return torch.compile(fn, dynamic=True)
+
+
+def _call(name: str, *args: torch.Tensor):
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        return _compiled(name)(*args)
+
+
+class _FusedGate(torch.autograd.Function):
+    """The memory update with a one-pass compiled forward and a one-pass compiled backward; saves
+    only the pre-activation (2d per row, in the compute dtype) and q."""
+
+    @staticmethod
+    def forward(ctx, a, q, b):  # type: ignore[override]
+        out, pre = _call("fwd_save", a, q, b)
+        ctx.save_for_backward(pre, q)
+        ctx.shapes = (a.shape, b.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        pre, q = ctx.saved_tensors
+        a_shape, b_shape = ctx.shapes
+        d_pre, d_q = _call("bwd", pre, q.expand(grad.shape), grad.contiguous())
+        d_a = d_pre.sum_to_size(a_shape) if ctx.needs_input_grad[0] else None
+        d_b = d_pre.sum_to_size(b_shape) if ctx.needs_input_grad[2] else None
+        d_q = d_q.sum_to_size(q.shape) if ctx.needs_input_grad[1] else None
+        return d_a, d_q, d_b
+
+
+def gate_fused(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The same update as gate_eager (b required), one compiled pass each way."""
+    if torch.is_grad_enabled() and (a.requires_grad or q.requires_grad or b.requires_grad):
+        return _FusedGate.apply(a, q, b)
+    return _call("fwd", a, q, b)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """A set of elementwise kernels for the scoring core."""
+
+    name: str
+    gate: Callable[..., torch.Tensor]
+
+
+EAGER = Kernels("eager", gate_eager)
+FUSED = Kernels("fused", gate_fused)
+
+
+def fused_available(device: torch.device) -> bool:
+    """Whether torch.compile's inductor backend can build kernels for this device here."""
+    if device.type == "cpu":
+        return shutil.which("g++") is not None or shutil.which("c++") is not None
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    return False
+
+
+def auto_choice(device: torch.device, dtype: torch.dtype) -> str:
+    """The implementation that was measured faster for this device and compute dtype.
+
+    CPU fp32/fp64: eager (matmul-bound: the fused kernel saved too little to pay its compile);
+    CPU bf16/fp16 and CUDA: fused (the elementwise passes dominate there)."""
+    if device.type == "cpu" and dtype in (torch.float32, torch.float64):
+        return "eager"
+    return "fused" if fused_available(device) else "eager"
+
+
+def select(name: str, device: torch.device, dtype: torch.dtype) -> Kernels:
+    """Kernels by name: "eager", "fused", or "auto" (auto_choice)."""
+    if name not in CHOICES:
+        raise ValueError(f"kernels: expected one of {list(CHOICES)}, got {name!r}")
+    if name == "auto":
+        name = auto_choice(device, dtype)
+    return FUSED if name == "fused" else EAGER

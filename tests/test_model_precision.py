@@ -1,0 +1,203 @@
+"""Mixed precision (autocast, bf16 models, bf16 embeddings) and the fused kernels, against the
+literal oracle (imram_oracle.py) evaluated in float64.
+
+Tolerances. A half-precision run cannot be closer to the exact scores than the rounding of its
+inputs allows, so each low-precision result is compared with that yardstick: the exact (fp64)
+oracle run on the same embeddings and weights rounded to the low dtype. The mixed path (matmuls
+in bf16/fp16, attention, norms, cosines and sums in fp32) may add rounding of its own inside
+the matmul outputs and the memory update, but it must stay within 3x the yardstick (plus two
+units of the dtype's spacing, so that a lucky near-zero yardstick does not make the test
+flaky). Scores of a few captions in these tiny models are ill-conditioned (a gradient can move
+by tens of percent when the inputs are rounded), which is why the bound is relative to that
+yardstick and not a fixed number.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import imram_oracle as oracle
+from imram_dist.config import ModelConfig
+from imram_dist.model import IMRAM, hinge_loss, kernels
+
+D_IMG, D, WORD, VOCAB = 24, 32, 16, 30
+SPACING = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -10}  # distance from 1 to the next value
+
+
+def make(mode="full", seed=0, kern="eager", **kw) -> IMRAM:
+    torch.manual_seed(seed)
+    return IMRAM(ModelConfig(image_dim=D_IMG, embed_size=D, word_dim=WORD, vocab_size=VOCAB, mode=mode,
+                             steps=3, lambda_softmax=9.0, **kw), kernels=kern)
+
+
+def batch(N=4, M=5, R=6, L=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    regions = torch.randn(N, R, D_IMG, generator=g)
+    lengths = torch.tensor([9, 3, 1, 7, 5][:M])
+    tokens = torch.randint(0, VOCAB, (M, L), generator=g)
+    return regions, tokens, lengths
+
+
+def rounded(model: IMRAM, dtype: torch.dtype) -> IMRAM:
+    """An fp64 copy whose weights went through dtype (what a half-precision run sees)."""
+    return copy.deepcopy(model).to(dtype).double()
+
+
+def exact_scores(model, img, cap, lengths, dtype=None):
+    """The oracle in fp64 on the embeddings (and weights) rounded to dtype first, if given."""
+    m = rounded(model, dtype) if dtype else copy.deepcopy(model).double()
+    i, c = (img.to(dtype), cap.to(dtype)) if dtype else (img, cap)
+    with torch.no_grad():
+        return oracle.similarity(m, i.double(), c.double(), lengths)
+
+
+def max_err(a, b) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+@pytest.fixture(scope="module")
+def encoded():
+    model = make()
+    regions, tokens, lengths = batch()
+    with torch.no_grad():
+        return model, model.encode_images(regions), model.encode_captions(tokens, lengths), lengths
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scoring_under_cpu_autocast_is_as_good_as_rounding_allows(encoded, dtype):
+    """CPU autocast (bf16, and fp16 standing in for CUDA's fp16) changes the compute dtype of
+    scoring; the scores come out fp32, within 3x the input-rounding error of the exact ones."""
+    model, img, cap, lengths = encoded
+    exact = exact_scores(model, img, cap, lengths)
+    yardstick = max_err(exact_scores(model, img, cap, lengths, dtype), exact)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        s = model.similarity(img, cap, lengths)
+    assert s.dtype == torch.float32
+    assert max_err(s, exact) <= 3 * yardstick + 2 * SPACING[dtype], (max_err(s, exact), yardstick)
+
+
+def test_bf16_embeddings_on_an_fp32_model(encoded):
+    """eval.precision=bf16: fp32 encoders, bf16 embeddings into scoring (MDU weights cast to bf16)."""
+    model, img, cap, lengths = encoded
+    exact = exact_scores(model, img, cap, lengths)
+    yardstick = max_err(exact_scores(model, img, cap, lengths, torch.bfloat16), exact)
+    with torch.no_grad():
+        s = model.similarity(img.bfloat16(), cap.bfloat16(), lengths)
+    assert s.dtype == torch.float32
+    assert max_err(s, exact) <= 3 * yardstick + 2 * SPACING[torch.bfloat16]
+
+
+def _smooth_grads(model, img, cap, lengths, weight, autocast=None):
+    """Gradients of a smooth function of the scores (the hinge loss's kinks would make rounding
+    flip which terms count) w.r.t. the embeddings and the MDU weights."""
+    img = img.detach().clone().requires_grad_(True)
+    cap = cap.detach().clone().requires_grad_(True)
+    mdus = [model.gate_t2i.weight, model.linear_t2i.weight, model.gate_i2t.weight, model.linear_i2t.weight]
+    if autocast is None:
+        s = model.similarity(img, cap, lengths)
+    else:
+        with torch.autocast("cpu", dtype=autocast):
+            s = model.similarity(img, cap, lengths)
+    return [g.double() for g in torch.autograd.grad((s * weight.to(s.dtype)).sum(), [img, cap] + mdus)]
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_autocast_gradients_are_as_good_as_rounding_allows(encoded):
+    model, img, cap, lengths = encoded
+    weight = torch.randn(img.shape[0], cap.shape[0], generator=torch.Generator().manual_seed(5))
+    m64 = copy.deepcopy(model).double()
+    exact = _smooth_grads(m64, img.double(), cap.double(), lengths, weight.double())
+    r64 = rounded(model, torch.bfloat16)
+    yard = _smooth_grads(r64, img.bfloat16().double(), cap.bfloat16().double(), lengths, weight.double())
+    low = _smooth_grads(model, img, cap, lengths, weight, autocast=torch.bfloat16)
+    for name, a, y, e in zip(["image_emb", "caption_emb", "gate_t2i", "linear_t2i", "gate_i2t", "linear_i2t"],
+                             low, yard, exact):
+        assert _rel(a, e) <= 3 * _rel(y, e) + 2 * SPACING[torch.bfloat16], (name, _rel(a, e), _rel(y, e))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_training_step_runs_under_cpu_autocast(dtype):
+    """The whole step (encoders, scoring, hinge loss, backward) under autocast: fp32 scores and
+    loss, finite fp32 gradients for every parameter, a loss close to the fp32 one."""
+    model = make()
+    regions, tokens, lengths = batch(N=5, M=5)
+    ref = hinge_loss(model(regions, tokens, lengths), 0.2, True)
+    with torch.autocast("cpu", dtype=dtype):
+        s = model(regions, tokens, lengths)
+        loss = hinge_loss(s, 0.2, True)
+    assert s.dtype == torch.float32 and loss.dtype == torch.float32
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+    # 10 hinge terms of scores that each moved by a few units of the dtype's spacing
+    assert abs(float(loss.detach()) - float(ref.detach())) <= 10 * 2 * 4 * SPACING[dtype]
+
+
+def test_a_bf16_model_trains_and_scores_close_to_its_exact_scores():
+    """DeepSpeed's bf16: the whole model in bf16 (encoders included: the GRU recurrence and the
+    norms round at every step, so the bound is wider: 8 units of bf16 spacing)."""
+    model = make().to(torch.bfloat16)
+    regions, tokens, lengths = batch()
+    with torch.no_grad():
+        s = model(regions, tokens, lengths)
+        exact = oracle.forward(copy.deepcopy(model).double(), regions.bfloat16().double(), tokens, lengths)
+    assert s.dtype == torch.float32
+    assert max_err(s, exact) <= 8 * SPACING[torch.bfloat16], max_err(s, exact)
+    hinge_loss(model(regions[:4], tokens[:4], lengths[:4]), 0.2, True).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all(), name
+
+
+# ----------------------------------------------------------------------------- fused kernels
+
+def test_kernel_choice():
+    cpu = torch.device("cpu")
+    assert kernels.select("auto", cpu, torch.float32) is kernels.EAGER
+    assert kernels.select("eager", cpu, torch.bfloat16) is kernels.EAGER
+    assert kernels.select("fused", cpu, torch.float32) is kernels.FUSED
+    assert kernels.select("auto", cpu, torch.bfloat16) is (kernels.FUSED if kernels.fused_available(cpu)
+                                                           else kernels.EAGER)
+    with pytest.raises(ValueError, match="kernels: expected one of"):
+        make(kern="triton")
+
+
+def test_fused_kernels_match_eager_and_oracle_fp64_with_gradients():
+    """The fused (compiled) update against the eager reference, in fp64 (so any difference is a
+    bug, not rounding), scores and every parameter's gradient, through the chunked/checkpointed
+    path as well."""
+    eager = make("full", score_memory_mb=0.02).double()
+    fused = make("full", score_memory_mb=0.02, kern="fused").double()
+    regions, tokens, lengths = batch(N=4, M=4)
+    regions = regions.double()
+    s_e, s_f = eager(regions, tokens, lengths), fused(regions, tokens, lengths)
+    torch.testing.assert_close(s_f, s_e, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(s_f.detach(), oracle.forward(eager, regions, tokens, lengths), rtol=0, atol=1e-10)
+        torch.testing.assert_close(fused(regions, tokens, lengths), s_e.detach(), rtol=0, atol=1e-12)
+    hinge_loss(s_e, 0.2, False).backward()
+    hinge_loss(s_f, 0.2, False).backward()
+    for (name, pe), pf in zip(eager.named_parameters(), fused.parameters()):
+        ge = torch.zeros_like(pe) if pe.grad is None else pe.grad
+        gf = torch.zeros_like(pf) if pf.grad is None else pf.grad
+        torch.testing.assert_close(gf, ge, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_fused_bf16_is_at_least_as_accurate_as_eager_bf16(encoded):
+    """In bf16 the fused update computes in fp32 registers and rounds once; eager rounds after
+    every pass. Both must meet the rounding yardstick."""
+    model, img, cap, lengths = encoded
+    fused = copy.deepcopy(model)
+    fused.kernels = "fused"
+    exact = exact_scores(model, img, cap, lengths)
+    yardstick = max_err(exact_scores(model, img, cap, lengths, torch.bfloat16), exact)
+    with torch.no_grad():
+        e = model.similarity(img.bfloat16(), cap.bfloat16(), lengths)
+        f = fused.similarity(img.bfloat16(), cap.bfloat16(), lengths)
+    assert max_err(f, exact) <= 3 * yardstick + 2 * SPACING[torch.bfloat16]
+    assert max_err(f, e) <= 2 * (yardstick + SPACING[torch.bfloat16])
