@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
 import time
 from collections import Counter
 
@@ -142,6 +143,30 @@ def test_cli_convert_inspect(tmp_path, capsys):
     os.remove(tmp_path / "out" / "dev-00000.tar")
     assert cli(["inspect", str(tmp_path / "out")]) == 1
     assert "shard dev-00000.tar: listed in the manifest but absent" in capsys.readouterr().out
+
+
+# --- shard bytes --------------------------------------------------------------------------
+
+def test_shard_bytes_are_pinned_and_plain_webdataset_reads_them(tmp_path):
+    import webdataset as wds
+
+    path = tmp_path / "train-00000.tar"
+    w = ShardWriter(str(path), "float16")
+    for i in range(3):
+        w.write(f"train-{i:07d}", np.arange(24, dtype=np.float32).reshape(4, 6) / (i + 1),
+                [f"a dog number {i}", "a cat \u00e9t\u00e9"], f"img/{i}", {"twin": "x"} if i == 1 else None)
+    # the bytes the format has had since its first writer (tarfile by hand), now webdataset's TarWriter
+    assert w.close() == ("fdc785ac866a96ef7b94bef5fbe45523a54a6d91b4e9b293096e24e463e36e30", 10240)
+    with tarfile.open(path) as t:
+        members = t.getmembers()
+    assert [m.name for m in members] == [f"train-{i:07d}.{e}" for i in range(3) for e in ("json", "npy")]
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {(0, 0, 0, "", "", 0o644)}
+    assert path.read_bytes()[257:265] == b"ustar\x0000"  # POSIX ustar magic and version (not GNU)
+    got = list(wds.WebDataset(str(path), shardshuffle=False).decode())
+    assert [g["__key__"] for g in got] == [f"train-{i:07d}" for i in range(3)]
+    np.testing.assert_array_equal(got[2]["npy"], (np.arange(24, dtype=np.float32).reshape(4, 6) / 3).astype(np.float16))
+    assert got[1]["json"] == {"image_id": "img/1", "captions": ["a dog number 1", "a cat \u00e9t\u00e9"],
+                              "meta": {"twin": "x"}}
 
 
 # --- synthetic corpus -------------------------------------------------------------------

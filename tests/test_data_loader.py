@@ -17,6 +17,7 @@ from imram_dist.data import (DataError, TrainPairs, generate_synthetic, iter_sha
                              read_manifest)
 from imram_dist.data.__main__ import main as cli
 from imram_dist.data.convert import convert_precomp
+from imram_dist.data.loader import split_shards
 from imram_dist.data.shards import Manifest, ShardInfo, ShardWriter, SplitInfo, write_manifest
 from imram_dist.data.tokenize import Vocabulary
 from data_helpers import make_precomp, tiny_synth_cfg
@@ -81,8 +82,9 @@ def test_fewer_shards_than_ranks_splits_samples(synth_root):
     seen = []
     for r in range(3):
         tp = TrainPairs(synth_root, "dev", batch_size=4, rank=r, world_size=3, shuffle_buffer=1)
-        a = tp.assignment(0).split(1, 0)
-        assert (a.mod, a.rem) == (3, r)
+        assert split_shards([{"url": "dev-00000.tar"}], 3, r) == [{"url": "dev-00000.tar", "mod": 3, "rem": r}]
+        # ... and then over 2 loader workers of that rank: every 6th sample
+        assert split_shards(split_shards([{"url": "u"}], 3, r), 2, 1) == [{"url": "u", "mod": 6, "rem": r + 3}]
         seen.append({k for b in tp for k in b.keys})
     assert all(seen) and not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
 
@@ -143,9 +145,7 @@ def build(root, samples_per_shard: list[list[dict]], raw: dict | None = None):
         ncap = 0
         for s in samples:
             if "files" in s:  # raw members
-                for fname, data in s["files"].items():
-                    w._add(fname, data)
-                w.images += 1
+                w.write_files(s["key"], s["files"])
                 ncap += 2
             else:
                 w.write(**s)
@@ -173,7 +173,7 @@ def corrupt_but_parseable(path):
 
 
 BAD_SAMPLES = {
-    "missing field": ({"files": {"s-001.json": json.dumps({"image_id": "1", "captions": ["a", "b"]}).encode()}},
+    "missing field": ({"key": "s-001", "files": {"json": json.dumps({"image_id": "1", "captions": ["a", "b"]}).encode()}},
                       "s-001: missing field region features"),
     "wrong R": (dict(good(1), regions=np.zeros((R + 1, D))), r"s-001: region features have shape \(5, 6\)"),
     "wrong D": (dict(good(1), regions=np.zeros((R, D - 1))), r"s-001: region features have shape \(4, 5\)"),

@@ -1,19 +1,25 @@
-"""Loaders used by training and evaluation: TrainPairs (sharded, shuffled (image, caption)
-pairs, equal batch counts on every rank) and load_eval_split (everything once, in order)."""
+"""Loaders used by training and evaluation, as webdataset pipelines: TrainPairs (sharded,
+shuffled (image, caption) pairs, equal batch counts on every rank) and load_eval_split
+(everything once, in order). Our own stages fill what webdataset lacks: verified, validating
+shard reading (shards.shard_samples), splitting with fewer shards than consumers, batches of
+distinct images, the equal batch count."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import random
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+import webdataset as wds
 
 from .io import DataError
-from .shards import BadSampleReport, Manifest, ShardInfo, iter_shard, read_manifest
+from .shards import BadSampleReport, Manifest, Sample, ShardInfo, read_manifest, shard_samples
 from .tokenize import Vocabulary
 
 
@@ -53,81 +59,98 @@ def collate(pairs: list[tuple]) -> Batch:
 
 
 # ---------------------------------------------------------------------------------------
-# Work assignment: shards to consumers (ranks, then DataLoader workers)
+# Pipeline stages of our own, where webdataset has no equivalent (see TrainPairs.pipeline)
 
 
-@dataclass(frozen=True)
-class Assignment:
-    """Shards to read, and of each shard only the samples with index % mod == rem."""
-
-    shards: tuple[ShardInfo, ...]
-    mod: int = 1
-    rem: int = 0
-
-    def split(self, n: int, i: int) -> "Assignment":
-        """Part i of n: whole shards when there are enough, otherwise every n-th sample."""
-        if n == 1:
-            return self
-        if len(self.shards) >= n:
-            return Assignment(self.shards[i::n], self.mod, self.rem)
-        return Assignment(self.shards, self.mod * n, self.rem + self.mod * i)
+def split_shards(items: list[dict], n: int, i: int) -> list[dict]:
+    """Part i of n of a list of shard descriptions: every n-th shard, as webdataset's
+    split_by_node/split_by_worker take them, when there are at least n; otherwise every shard,
+    keeping only every n-th sample of each ("mod"/"rem"), so that no consumer is left without
+    data (webdataset's splitters would hand it nothing) and nothing is read twice per pass."""
+    if n == 1:
+        return list(items)
+    if len(items) >= n:
+        return list(items[i::n])
+    return [dict(d, mod=d.get("mod", 1) * n, rem=d.get("rem", 0) + d.get("mod", 1) * i) for d in items]
 
 
-class _PairStream(IterableDataset):
-    """One rank's pass over its shards -> batches (runs in DataLoader workers)."""
+def split_by_rank(src: Iterable[dict], rank: int, world_size: int) -> Iterator[dict]:
+    """Node splitter for an explicit rank: webdataset's split_by_node reads RANK/WORLD_SIZE from
+    the environment (or torch.distributed), while TrainPairs is told its rank."""
+    yield from split_shards(list(src), world_size, rank)
 
-    def __init__(self, owner: "TrainPairs"):
-        super().__init__()
-        self.o = owner
 
-    def __iter__(self) -> Iterator[Batch]:
-        o = self.o
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        work = o.assignment(o.epoch, o._pass).split(nw, wid)
-        rng = random.Random(f"{o.seed}/{o.epoch}/{o._pass}/{o.rank}/{wid}")
-        report = BadSampleReport()
-        reported = 0
+def split_by_worker(src: Iterable[dict]) -> Iterator[dict]:
+    """Worker splitter; the worker comes from webdataset's pytorch_worker_info."""
+    _, _, worker, num_workers = wds.utils.pytorch_worker_info()
+    yield from split_shards(list(src), num_workers, worker)
 
-        def pairs():
-            shards = list(work.shards)
-            for sh in shards:
-                keep = None if work.mod == 1 else (lambda i, m=work.mod, r=work.rem: i % m == r)
-                for s in iter_shard(o.manifest.shard_url(sh), name=sh.name,
-                                    expect=sh if o.verify_checksums else
-                                    ShardInfo(sh.name, sh.images, sh.captions, "", sh.bytes),
-                                    regions=o.manifest.regions, feature_dim=o.manifest.feature_dim,
-                                    skip_bad=o.skip_bad, report=report, keep=keep):
-                    for c in s.captions:
-                        yield (s.regions, o.vocab.encode(c), s.image_id, s.key)
 
-        def shuffled():
-            buf: list = []
-            size = max(1, o.shuffle_buffer)
-            for p in pairs():
-                if len(buf) < size:
-                    buf.append(p)
-                    continue
-                j = rng.randrange(size)
-                buf[j], p = p, buf[j]
-                yield p
-            rng.shuffle(buf)
-            yield from buf
+def describe(d: dict, by_url: dict[str, ShardInfo]) -> dict:
+    """{"url"} -> {"url", "shard": its ShardInfo} (what shard_samples checks it against)."""
+    return dict(d, shard=by_url[d["url"]])
 
+
+def caption_pairs(sample: Sample, vocab: Vocabulary) -> list[tuple]:
+    """One image -> one (regions, token ids, image_id, key) pair per caption."""
+    return [(sample.regions, vocab.encode(c), sample.image_id, sample.key) for c in sample.captions]
+
+
+def mix_seed(*parts) -> int:
+    """A 64-bit seed from several values (wds.detshuffle adds its pass counter to it)."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big")
+
+
+class PassShuffle(wds.PipelineStage):
+    """webdataset's shuffle buffer with an rng seeded by (seed, epoch, pass, rank, worker):
+    reproducible, different on each pass of the endless pipeline and in each consumer."""
+
+    def __init__(self, bufsize: int, seed: int, epoch: int, rank: int):
+        self.bufsize = max(1, bufsize)
+        self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.passes = 0
+
+    def run(self, src):
+        worker = wds.utils.pytorch_worker_info()[2]
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.passes}/{self.rank}/{worker}")
+        self.passes += 1
+        return wds.shuffle(bufsize=self.bufsize, initial=self.bufsize, rng=rng)(src)
+
+
+class DistinctBatches(wds.PipelineStage):
+    """Batching: full batches of ``batch_size`` pairs in which no image occurs twice (its other
+    captions would be false negatives in the in-batch hinge loss). webdataset's batched cannot
+    refuse a sample, so this replaces it: a pair that would collide is held back and goes first
+    into the next batch; the last incomplete batch of a pass is dropped. Bad-sample messages
+    met since the previous batch ride along in ``Batch.skipped`` (an empty Batch carries those
+    of the end of a pass). A pass that yields no batch at all is a DataError (the pipeline
+    repeats endlessly, so it would otherwise spin)."""
+
+    def __init__(self, batch_size: int, report: BadSampleReport, rank: int, split: str):
+        self.batch_size, self.report, self.rank, self.split = batch_size, report, rank, split
+        self.reported = 0
+
+    def _news(self) -> list[str]:
+        news = self.report.messages[self.reported:]
+        self.reported = len(self.report.messages)
+        return news
+
+    def run(self, src):
+        B = self.batch_size
         held: deque = deque()
         batch: list = []
         seen: set = set()
-        B = o.batch_size
-        for p in shuffled():
+        produced = 0
+        for p in src:
             if p[3] in seen:
                 held.append(p)
                 continue
             batch.append(p)
             seen.add(p[3])
-            if len(batch) == B:
+            while len(batch) == B:
                 out = collate(batch)
-                out.skipped = report.messages[reported:]
-                reported = len(report.messages)
+                out.skipped = self._news()
+                produced += 1
                 yield out
                 batch, seen = [], set()
                 # pairs held back (same image as one already in the batch) go first next time
@@ -138,30 +161,33 @@ class _PairStream(IterableDataset):
                     else:
                         batch.append(q)
                         seen.add(q[3])
-                if len(batch) == B:  # only possible when B is tiny
-                    out = collate(batch)
-                    yield out
-                    batch, seen = [], set()
-        # A last incomplete batch (and held pairs) is dropped; the rank wraps around anyway.
-        if report.messages[reported:]:
-            # deliver the remaining reports with an empty batch marker
+        news = self._news()
+        if news:
             yield Batch(torch.zeros(0), torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-                        [], [], report.messages[reported:])
+                        [], [], news)
+        if produced == 0:
+            _, _, worker, workers = wds.utils.pytorch_worker_info()
+            where = f" (loader worker {worker} of {workers})" if workers > 1 else ""
+            raise DataError(f"rank {self.rank}{where}: split {self.split!r} produced no batch of {B} distinct "
+                            f"images in a whole pass ({self.report.count} bad samples skipped)")
 
 
 class TrainPairs:
-    """Shuffled (image, caption) training pairs for one rank.
+    """Shuffled (image, caption) training pairs for one rank: a webdataset pipeline
+    (``pipeline()``), read in-process or through ``wds.WebLoader`` workers.
 
-    - Shards are shuffled per epoch (seed, epoch; ``set_epoch``) identically on all ranks, then
-      split across ranks (shard i -> rank i % world_size) and across DataLoader workers; with
-      fewer shards than consumers, every consumer reads all shards and keeps every n-th sample.
+    - Shards are shuffled per epoch and pass (seed, epoch, pass; ``set_epoch``) identically on all
+      ranks, then split across ranks (shard i -> rank i % world_size) and across DataLoader
+      workers; with fewer shards than consumers, every consumer reads all shards and keeps every
+      n-th sample. Each shard is verified (sha256) before any of its samples is used.
     - Each image expands into one pair per caption; pairs pass a shuffle buffer
       (``shuffle_buffer`` pairs) and are batched so that no image appears twice in a batch
       (its other captions would be false negatives).
     - ``num_batches = total_pairs // (world_size * batch_size)`` from the manifest, the same on
-      every rank; every rank yields exactly that many full batches: a rank with more pairs stops
-      early (drops the extra), a rank that runs out wraps around (starts another pass over its
-      shards, reshuffled), so a few pairs may repeat within an epoch on that rank.
+      every rank; every rank yields exactly that many full batches: the pipeline repeats
+      endlessly (a consumer that runs out wraps around: another pass over its shards,
+      reshuffled, so a few pairs may repeat within an epoch on that rank) and the epoch stops
+      after num_batches (a rank with more pairs drops the extra).
     """
 
     def __init__(self, root: str, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -183,7 +209,6 @@ class TrainPairs:
         self.skip_bad = skip_bad
         self.verify_checksums = verify_checksums
         self.epoch = 0
-        self._pass = 0
         self.report = BadSampleReport()
         if batch_size > self.split_info.images:
             raise ValueError(f"batch_size {batch_size} exceeds the {self.split_info.images} images of split "
@@ -210,46 +235,54 @@ class TrainPairs:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def assignment(self, epoch: int, pass_: int = 0) -> Assignment:
-        shards = list(self.split_info.shards)
-        rng = np.random.default_rng([self.seed, epoch, pass_])
-        order = rng.permutation(len(shards))
-        return Assignment(tuple(shards[i] for i in order)).split(self.world_size, self.rank)
-
-    def _one_pass(self) -> Iterator[Batch]:
-        ds = _PairStream(self)
-        if self.loader_workers > 0:
-            loader = DataLoader(ds, batch_size=None, num_workers=self.loader_workers,
-                                persistent_workers=False, prefetch_factor=2)
-            yield from loader
-        else:
-            yield from ds
+    def pipeline(self, epoch: int | None = None) -> wds.DataPipeline:
+        """This rank's endless stream of batches for an epoch, chained as open_clip chains its
+        training data: shard list, shard shuffle, node and worker splitters, tar reading,
+        sample shuffle, batching."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        shards = self.split_info.shards
+        by_url = {self.manifest.shard_url(sh): sh if self.verify_checksums else dataclasses.replace(sh, sha256="")
+                  for sh in shards}
+        report = BadSampleReport()  # one per consumer: DistinctBatches forwards its messages
+        n = len(shards)
+        return wds.DataPipeline(
+            wds.SimpleShardList(list(by_url)),  # manifest order
+            # the same permutation on every rank; detshuffle adds its pass counter to the seed
+            wds.detshuffle(bufsize=n, initial=n, seed=mix_seed(self.seed, epoch), epoch=-1),
+            functools.partial(split_by_rank, rank=self.rank, world_size=self.world_size),
+            split_by_worker,
+            wds.map(functools.partial(describe, by_url=by_url)),
+            functools.partial(shard_samples, regions=self.manifest.regions, feature_dim=self.manifest.feature_dim,
+                              skip_bad=self.skip_bad, report=report),
+            wds.map(functools.partial(caption_pairs, vocab=self.vocab)),
+            wds.filters.unlisted(),
+            PassShuffle(self.shuffle_buffer, self.seed, epoch, self.rank),
+            DistinctBatches(self.batch_size, report, self.rank, self.split),
+        ).repeat()
 
     def __iter__(self) -> Iterator[Batch]:
+        source = self.pipeline()
+        if self.loader_workers > 0:
+            source = wds.WebLoader(source, batch_size=None, num_workers=self.loader_workers,
+                                   persistent_workers=False, prefetch_factor=2)
+        it = iter(source)
         produced = 0
-        self._pass = 0
-        while produced < self.num_batches:
-            got = 0
-            it = self._one_pass()
-            try:
-                for b in it:
-                    if b.skipped:
-                        self.report.extend(b.skipped)
-                    if len(b) == 0:
-                        continue
-                    got += 1
-                    produced += 1
-                    yield b
-                    if produced >= self.num_batches:
-                        break
-            finally:
-                close = getattr(it, "close", None)
-                if close:
-                    close()
-            if got == 0 and produced < self.num_batches:
-                raise DataError(f"rank {self.rank}: split {self.split!r} produced no batch of {self.batch_size} "
-                                f"distinct images in a whole pass ({self.report.count} bad samples skipped)")
-            self._pass += 1
+        try:
+            for b in it:
+                if b.skipped:
+                    self.report.extend(b.skipped)
+                if len(b) == 0:
+                    continue
+                produced += 1
+                yield b
+                if produced >= self.num_batches:
+                    return
+        finally:
+            close = getattr(it, "close", None)
+            if close:
+                close()  # stops DataLoader workers of an endless pipeline
+        raise DataError(f"rank {self.rank}: split {self.split!r} ran out after {produced} of {self.num_batches} "
+                        f"batches ({self.report.count} bad samples skipped)")
 
     @property
     def bad_samples(self) -> int:
@@ -300,26 +333,30 @@ def load_eval_split(root: str, split: str, dtype: str | torch.dtype | None = Non
     c2i: list[int] = []
     ids: list[str] = []
     keys: list[str] = []
-    shards = info.shards
+    by_url = {manifest.shard_url(sh): sh for sh in info.shards}
+    samples: Iterable[Sample] = wds.DataPipeline(
+        wds.SimpleShardList(list(by_url)),  # manifest order, no split: every process reads all
+        wds.map(functools.partial(describe, by_url=by_url)),
+        functools.partial(shard_samples, regions=manifest.regions, feature_dim=manifest.feature_dim,
+                          skip_bad=skip_bad, report=report),
+    ) if by_url else []
     if progress:
         from tqdm import tqdm
 
-        shards = tqdm(shards, desc=f"load {split}", unit="shard")
-    for sh in shards:
-        for s in iter_shard(manifest.shard_url(sh), name=sh.name, expect=sh, regions=manifest.regions,
-                            feature_dim=manifest.feature_dim, skip_bad=skip_bad, report=report):
-            n = len(ids)
-            if n >= info.images:  # the shards hold more than the manifest says: never overrun
-                raise DataError(f"split {split}: shard {sh.name} key {s.key}: more images than the "
-                                f"manifest's {info.images}")
-            regions[n] = torch.from_numpy(s.regions.astype(np.float32 if tdtype == torch.float32 else
-                                                           s.regions.dtype, copy=False)).to(tdtype)
-            ids.append(s.image_id)
-            keys.append(s.key)
-            for c in s.captions:
-                caps.append(c)
-                seqs.append(vocab.encode(c))
-                c2i.append(n)
+        samples = tqdm(samples, total=info.images, desc=f"load {split}", unit="img")
+    for s in samples:
+        n = len(ids)
+        if n >= info.images:  # the shards hold more than the manifest says: never overrun
+            raise DataError(f"split {split}: shard {s.shard} key {s.key}: more images than the "
+                            f"manifest's {info.images}")
+        regions[n] = torch.from_numpy(s.regions.astype(np.float32 if tdtype == torch.float32 else
+                                                       s.regions.dtype, copy=False)).to(tdtype)
+        ids.append(s.image_id)
+        keys.append(s.key)
+        for c in s.captions:
+            caps.append(c)
+            seqs.append(vocab.encode(c))
+            c2i.append(n)
     if len(ids) != info.images and not skip_bad:
         raise DataError(f"split {split}: read {len(ids)} images, the manifest says {info.images}")
     regions = regions[: len(ids)]

@@ -1,4 +1,6 @@
-"""The shard format: deterministic tar writer, manifest, streaming reader with validation.
+"""The shard format: deterministic tar writer (webdataset's TarWriter), manifest, and the
+verified, validating shard reader (webdataset's tar expansion and key grouping) that both
+loaders' webdataset pipelines use.
 
 One sample per image, WebDataset-style (files grouped by key, the part before the first dot):
   {key}.json  {"image_id": str, "captions": [str, ...]} (+ optional "meta")
@@ -13,12 +15,15 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .io import DataError, atomic_write_bytes, fetch_hashed, join, open_stream, read_bytes, sha256_file, unique_tmp_path
 from .tokenize import Vocabulary
@@ -155,8 +160,9 @@ def encode_json(obj: Any) -> bytes:
 
 
 class ShardWriter:
-    """Writes one tar shard with deterministic bytes (fixed mtime/uid/gid/mode, file order
-    json then npy per sample) to a unique temporary name beside NAME (``self.tmp``), so that
+    """Writes one tar shard with deterministic bytes through ``webdataset.TarWriter`` (mtime 0,
+    uid/gid 0, empty user/group names, mode 0644, ustar; a sample's files in sorted extension
+    order, i.e. json then npy) to a unique temporary name beside NAME (``self.tmp``), so that
     writers into one folder never clash; ``close()`` fsyncs, renames it to NAME and returns
     (sha256, size). A crash never leaves a partial shard under its final name."""
 
@@ -167,29 +173,30 @@ class ShardWriter:
         self.tmp = unique_tmp_path(path)
         self.dtype = np.dtype(dtype)
         self._f = open(self.tmp, "xb")
-        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)
+        # encoder=False: we hand it bytes (our own json/npy encodings, which fix the bytes).
+        self._tar = wds.TarWriter(self._f, user="", group="", mode=0o644, mtime=0, encoder=False)
+        # webdataset 1.0.2 resolves its `format` argument (ustar by default) but never passes it
+        # to tarfile.open, which then writes pax: pin ustar, the format the shards always had
+        # (for short ASCII names the two give the same bytes; for others ustar keeps them so).
+        self._tar.tarstream.format = tarfile.USTAR_FORMAT
         self.images = 0
         self.captions = 0
 
-    def _add(self, name: str, data: bytes) -> None:
-        ti = tarfile.TarInfo(name)
-        ti.size = len(data)
-        ti.mtime = 0
-        ti.mode = 0o644
-        ti.uid = ti.gid = 0
-        ti.uname = ti.gname = ""
-        self._tar.addfile(ti, io.BytesIO(data))
+    def write_files(self, key: str, files: dict[str, bytes]) -> None:
+        """One sample given as raw member bytes by extension ({"json": ..., "npy": ...}); counts
+        an image (captions are counted by ``write``)."""
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+        self._tar.write({"__key__": key, **files})
+        self.images += 1
 
     def write(self, key: str, regions: np.ndarray, captions: list[str], image_id: str,
               meta: dict | None = None) -> None:
-        if "." in key or "/" in key:
-            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
         doc: dict[str, Any] = {"image_id": str(image_id), "captions": list(captions)}
         if meta:
             doc["meta"] = meta
-        self._add(f"{key}.json", encode_json(doc))
-        self._add(f"{key}.npy", encode_npy(np.asarray(regions).astype(self.dtype, copy=False)))
-        self.images += 1
+        self.write_files(key, {"json": encode_json(doc),
+                               "npy": encode_npy(np.asarray(regions).astype(self.dtype, copy=False))})
         self.captions += len(captions)
 
     def close(self) -> tuple[str, int]:
@@ -291,49 +298,43 @@ class _Cursor:
         self.last_key = "(none)"
 
 
-def _tar_samples(stream, name: str, regions: int | None, feature_dim: int | None,
+# webdataset's group_by_keys reports a second file with the same key and extension like this.
+_DUPLICATE = re.compile(r"^(\S+): duplicate file name in tar file")
+
+
+def _tar_samples(stream, url: str, name: str, regions: int | None, feature_dim: int | None,
                  bad: Callable[..., None], keep: Callable[[int], bool] | None, with_regions: bool,
                  cur: _Cursor) -> Iterator[Sample]:
-    """Parse one shard's tar stream into validated samples, in order; every defect goes to
-    ``bad(message, key)`` (which raises, or records and lets the parse go on)."""
-
-    def finish(key: str, files: dict[str, bytes]):
-        i = cur.index
-        cur.index += 1
-        cur.last_key = key
-        if keep is not None and not keep(i):
-            return None
-        try:
-            return decode_sample(key, files, name, regions, feature_dim, with_regions)
-        except DataError as e:
-            bad(str(e), key)
-            return None
-
+    """Parse one shard's tar stream into validated samples, in order: webdataset's tar expansion
+    and key grouping, then our validation; every defect goes to ``bad(message, key)`` (which
+    raises, or records and lets the parse go on), naming the shard and the key."""
+    groups = group_by_keys(tar_file_expander([{"url": url, "stream": stream}], eof_value=None))
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|")
-        cur_key, files = None, {}
-        for member in tar:
-            if not member.isreg():
+        for group in groups:
+            key = group["__key__"].rpartition("/")[2]
+            i = cur.index
+            cur.index += 1
+            cur.last_key = key
+            if keep is not None and not keep(i):
                 continue
-            key, dot, ext = member.name.rpartition("/")[2].partition(".")
-            data = tar.extractfile(member).read()
-            tar.members = []
-            if key != cur_key:
-                if cur_key is not None:
-                    s = finish(cur_key, files)
-                    if s is not None:
-                        yield s
-                cur_key, files = key, {}
-            if ext in files:
-                bad(f"shard {name}, key {key}: duplicate file {member.name}", key)
-            files[ext.lower()] = data
-        if cur_key is not None:
-            s = finish(cur_key, files)
-            if s is not None:
-                yield s
+            files = {ext: data for ext, data in group.items() if not ext.startswith("__")}
+            try:
+                sample = decode_sample(key, files, name, regions, feature_dim, with_regions)
+            except DataError as e:
+                bad(str(e), key)
+                continue
+            yield sample
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        bad(f"shard {name}: corrupt or truncated tar after key {cur.last_key}: {type(e).__name__}: {e}",
-            cur.last_key)
+        # webdataset appends " @ <stream>" to the first argument and the stream and URL as
+        # further arguments; the first argument without that is tarfile's own message.
+        detail = str(e.args[0]).split(" @ ")[0] if e.args else ""
+        dup = _DUPLICATE.match(detail)
+        if dup:
+            key = dup.group(1).rpartition("/")[2].partition(".")[0]
+            bad(f"shard {name}, key {key}: duplicate file {dup.group(1)} (rest of the shard not read)", key)
+        else:
+            bad(f"shard {name}: corrupt or truncated tar after key {cur.last_key}: {type(e).__name__}: {detail}",
+                cur.last_key)
 
 
 def _close(stream) -> None:
@@ -349,7 +350,7 @@ def _reject_shard(copy, name: str, digest: str, expect: ShardInfo, regions: int 
     private copy is parsed (nothing yielded) only to say what else is wrong with it."""
     found: list[tuple[str, str]] = []
     cur = _Cursor()
-    for _ in _tar_samples(copy, name, regions, feature_dim, lambda m, k="": found.append((m, k)), None,
+    for _ in _tar_samples(copy, name, name, regions, feature_dim, lambda m, k="": found.append((m, k)), None,
                           True, cur):
         pass
     if cur.index != expect.images:
@@ -412,9 +413,24 @@ def iter_shard(url: str, *, name: str | None = None, expect: ShardInfo | None = 
             return
     cur = _Cursor()
     try:
-        yield from _tar_samples(source, name, regions, feature_dim, bad, keep, with_regions, cur)
+        yield from _tar_samples(source, url, name, regions, feature_dim, bad, keep, with_regions, cur)
         if expect is not None and cur.index != expect.images:
             bad(f"shard {name}: holds {cur.index} samples, the manifest says {expect.images} "
                 f"(truncated or replaced shard; last key {cur.last_key})", cur.last_key)
     finally:
         _close(source)
+
+
+def shard_samples(src: Iterable[dict], *, regions: int | None, feature_dim: int | None, skip_bad: bool,
+                  report: BadSampleReport, with_regions: bool = True) -> Iterator[Sample]:
+    """Pipeline stage (webdataset style: an iterator in, an iterator out): shard descriptions
+    ``{"url", "shard": ShardInfo or None, "mod", "rem"}`` -> the validated samples of each shard,
+    verified before use when its ShardInfo carries a sha256 (``iter_shard``); of each shard only
+    the samples with index % mod == rem (see loader.split_shards)."""
+    for d in src:
+        mod, rem = d.get("mod", 1), d.get("rem", 0)
+        keep = None if mod == 1 else (lambda i, m=mod, r=rem: i % m == r)
+        shard = d.get("shard")
+        yield from iter_shard(d["url"], name=shard.name if shard else None, expect=shard, regions=regions,
+                              feature_dim=feature_dim, skip_bad=skip_bad, report=report, keep=keep,
+                              with_regions=with_regions)
