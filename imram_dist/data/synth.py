@@ -10,6 +10,14 @@ attribute before or after the noun, sometimes one object omitted. Half the image
 default) come as attribute-swapped twins: same objects, same regions, same views, same noise,
 same distractors, same caption templates, but the attributes cyclically permuted among the
 objects, so a twin differs from its partner only in its object regions and attribute words.
+
+With binding="key" (off by default; see docs/synthetic.md) an object's regions render
+(object, key) and one more region renders (attribute, key), the key being a random per-image tag
+that no caption names: the attribute is bound to its object only through the image's context.
+A twin then keeps every object region and only re-binds the attribute regions to other keys, so
+telling it apart takes two hops: a word finds its object's region, then the attribute region
+that shares that region's key. Knobs left at their defaults are not recorded in the manifest or
+the cache name, so a default corpus keeps the bytes it had before the knob existed.
 """
 
 from __future__ import annotations
@@ -57,12 +65,21 @@ class World:
             raise ValueError("need 1 <= min_objects <= max_objects <= attribute_types")
         if 2 * cfg.max_objects > cfg.regions:
             raise ValueError(f"regions ({cfg.regions}) must be at least 2 * max_objects ({2 * cfg.max_objects})")
+        if cfg.binding not in ("joint", "key"):
+            raise ValueError(f"binding must be 'joint' or 'key', got {cfg.binding!r}")
+        if cfg.binding == "key" and 3 * cfg.max_objects > cfg.regions:
+            raise ValueError(f"binding='key' needs regions ({cfg.regions}) >= 3 * max_objects "
+                             f"({3 * cfg.max_objects}): up to 2 object regions + 1 attribute region each")
         rng = np.random.default_rng([cfg.seed, 7919])
         self.obj = rng.standard_normal((cfg.object_types, LATENT))
         self.att = rng.standard_normal((cfg.attribute_types, LATENT))
         self.W1 = rng.standard_normal((3 * LATENT, HIDDEN)) / np.sqrt(3 * LATENT)
         self.W2 = rng.standard_normal((HIDDEN, HIDDEN)) / np.sqrt(HIDDEN)
         self.W3 = rng.standard_normal((HIDDEN, cfg.feature_dim)) / np.sqrt(HIDDEN) * 1.5
+        if cfg.binding == "key":  # drawn last: the joint world above is unchanged
+            # added to the view of every attribute region: "an attribute, not a thing", so one
+            # query direction (key + this) finds the attribute region bound to a matched object
+            self.attribute_kind = rng.standard_normal(LATENT)
         self.cfg = cfg
 
     def render(self, z: np.ndarray) -> np.ndarray:
@@ -88,14 +105,19 @@ def _image_plan(rng: np.random.Generator, cfg) -> dict:
                      "phrases": [int(rng.integers(len(PHRASES))) for _ in range(k)],
                      "osyn": [int(rng.integers(2)) for _ in range(k)],
                      "asyn": [int(rng.integers(2)) for _ in range(k)]})
-    return {"objs": objs, "atts": atts, "nreg": nreg, "slots": slots, "views": views,
+    plan = {"objs": objs, "atts": atts, "nreg": nreg, "slots": slots, "views": views,
             "distract": distract, "noise": noise, "caps": caps}
+    if cfg.binding == "key":  # drawn last, so everything above is what the joint corpus draws
+        plan["keys"] = rng.standard_normal((k, LATENT))
+    return plan
 
 
 def _realise(world: World, plan: dict, atts: np.ndarray) -> tuple[np.ndarray, list[str], dict]:
     cfg = world.cfg
     z = np.concatenate([plan["distract"], plan["views"]], axis=1)  # distractors by default
     region_of: list[list[int]] = []
+    attribute_region: list[int] = []
+    keyed = cfg.binding == "key"
     s = 0
     for j, (o, a) in enumerate(zip(plan["objs"], atts)):
         mine = []
@@ -103,9 +125,17 @@ def _realise(world: World, plan: dict, atts: np.ndarray) -> tuple[np.ndarray, li
             r = int(plan["slots"][s])
             s += 1
             z[r, :LATENT] = world.obj[o]
-            z[r, LATENT:2 * LATENT] = world.att[a]
+            # joint: the attribute is in the object's own regions; key: only the object's tag is
+            z[r, LATENT:2 * LATENT] = plan["keys"][j] if keyed else world.att[a]
             mine.append(r)
         region_of.append(mine)
+        if keyed:  # the attribute's own region, bound to object j by carrying the same key
+            r = int(plan["slots"][s])
+            s += 1
+            z[r, :LATENT] = world.att[a]
+            z[r, LATENT:2 * LATENT] = plan["keys"][j]
+            z[r, 2 * LATENT:] += world.attribute_kind
+            attribute_region.append(r)
     feats = world.render(z) + plan["noise"]
     captions = []
     for c in plan["caps"]:
@@ -117,6 +147,8 @@ def _realise(world: World, plan: dict, atts: np.ndarray) -> tuple[np.ndarray, li
         captions.append(TEMPLATES[c["template"]].format(L=_join(parts)))
     meta = {"objects": [int(o) for o in plan["objs"]], "attributes": [int(a) for a in atts],
             "regions": region_of}
+    if keyed:
+        meta["attribute_regions"] = attribute_region
     return feats.astype(np.float32), captions, meta
 
 
@@ -141,8 +173,21 @@ def generate_split(world: World, split: str, n: int, split_index: int):
         i += 1
 
 
+# SynthConfig fields added after corpora were first generated: at their default they are left out
+# of the recorded config (manifest provenance, cache name), so those corpora keep their bytes.
+_LATER_KNOBS = ("binding",)
+
+
 def synth_config_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    """The config as recorded in the manifest and hashed into the cache name."""
+    from ..config import SynthConfig
+
+    d = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    defaults = {f.name: f.default for f in dataclasses.fields(SynthConfig)}
+    for name in _LATER_KNOBS:
+        if name in d and d[name] == defaults[name]:
+            del d[name]
+    return d
 
 
 def config_hash(cfg) -> str:
