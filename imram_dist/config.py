@@ -92,6 +92,12 @@ class SynthConfig:
     """Probability that a caption leaves one of the image's objects out."""
     noise: float = 0.3
     """Standard deviation of the Gaussian noise added to every region feature."""
+    binding: Literal["joint", "key"] = "joint"
+    """How an object's attribute is drawn: "joint" renders object and attribute together in the
+    object's regions; "key" renders the object's regions from (object, key) and one separate region
+    from (attribute, key), where the key is a random per-image tag that no caption names, so which
+    attribute belongs to which object is only visible by matching the object first, then the region
+    sharing its key (two attention hops; see docs/synthetic.md). Needs regions >= 3 * max_objects."""
     samples_per_shard: int = 250
     """Images per shard file."""
     dtype: Literal["float16", "float32"] = "float16"
@@ -517,7 +523,7 @@ def help_text(cfg: Config | None = None) -> str:
 
 
 def parse_cli(argv: list[str], prog: str, description: str,
-              shorthands: dict[str, str] | None = None) -> Config:
+              shorthands: dict[str, str] | None = None, default_preset: str = DEFAULT_PRESET) -> Config:
     """``[--config FILE|PRESET] [--flag VALUE ...] [key=value ...]`` -> Config; ``--help`` lists
     every key.
 
@@ -531,7 +537,7 @@ def parse_cli(argv: list[str], prog: str, description: str,
     for flag, key in shorthands.items():
         if key not in keys:  # a programming error, caught by the CLI tests
             raise ConfigError(f"shorthand {flag} names unknown config key {key!r}")
-    preset = DEFAULT_PRESET
+    preset = default_preset
     overrides: list[str] = []
     args = list(argv)
     while args:
@@ -541,7 +547,7 @@ def parse_cli(argv: list[str], prog: str, description: str,
             flags = "".join(f" [{f}{'' if keys[k][2] is bool else ' ' + k.split('.')[-1].upper()}]"
                             for f, k in shorthands.items())
             print(f"usage: python -m {prog} [--config PRESET_OR_FILE]{flags} [key=value ...]\n\n"
-                  f"{description}\nWithout --config the {DEFAULT_PRESET!r} preset applies.\n")
+                  f"{description}\nWithout --config the {default_preset!r} preset applies.\n")
             if shorthands:
                 print("flags (shorthands for config keys; defaults and help from the keys below):")
                 for f, k in shorthands.items():

@@ -73,10 +73,21 @@ def s3_bucket(s3_endpoint: str) -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
-    """One local Ray cluster for the whole session (ray.init costs seconds)."""
+    """One local Ray cluster for the whole session (ray.init costs seconds). Always a new one,
+    never a `ray start` cluster that happens to run on this machine; RAY_ADDRESS points at it
+    while the session runs, so CLI subprocesses of the tests join it too. It offers
+    the search's trial-driver resource, and its dashboard (127.0.0.1) serves the state API that
+    Train's placement-group cleaner needs when Tune stops a trial."""
     import ray
 
+    from imram_dist.train.driver import start_local_ray
+
+    saved = os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+        start_local_ray(num_cpus=4, resources={"trial_driver": 1.0}, dashboard=True)
     yield
     ray.shutdown()
+    if saved is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = saved

@@ -60,16 +60,54 @@ def prepare_data(cfg: Config) -> tuple[str, Any, Any]:
     return root, manifest, vocab
 
 
-def ensure_ray(cfg: Config) -> None:
+def ensure_ray(cfg: Config, local_resources: dict[str, float] | None = None, dashboard: bool = False,
+               log_to_driver: bool = True) -> None:
+    """Join cluster.address (or RAY_ADDRESS; "auto" joins a `ray start` cluster on this machine),
+    or start a new local Ray (see start_local_ray)."""
     import ray
 
-    if not ray.is_initialized():
-        env = {"DS_ACCELERATOR": "cpu"} if not cfg.cluster.use_gpu else {}
-        ray.init(address=cfg.cluster.address or None, include_dashboard=False,
+    if ray.is_initialized():
+        return
+    env = {"DS_ACCELERATOR": "cpu"} if not cfg.cluster.use_gpu else {}
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=log_to_driver)
+    else:
+        start_local_ray(resources=local_resources, dashboard=dashboard, env=env, log_to_driver=log_to_driver)
+
+
+def start_local_ray(num_cpus: int | None = None, resources: dict[str, float] | None = None,
+                    dashboard: bool = False, env: dict[str, str] | None = None, log_to_driver: bool = True) -> str:
+    """A new single-node Ray on 127.0.0.1 (never an unrelated cluster already running here), offering
+    ``resources`` (custom resources, e.g. the search's trial-driver slots). Returns its address.
+
+    Its GCS port is chosen first and exported as RAY_ADDRESS before the start, so that every Ray
+    process of this cluster inherits it: Ray's state API (used by Train's placement-group cleaner
+    when Tune stops a trial) otherwise guesses among all clusters on the machine and fails when
+    there are several. dashboard=True starts the dashboard (on 127.0.0.1) that serves that API."""
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, resources=resources or None,
+                 include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
                  runtime_env={"env_vars": env} if env else None)
+    except Exception:
+        os.environ.pop("RAY_ADDRESS", None)
+        raise
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    return address
 
 
-def build_trainer(cfg: Config, root: str):
+def build_trainer(cfg: Config, root: str, callbacks: list[Any] | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -83,7 +121,7 @@ def build_trainer(cfg: Config, root: str):
     }
     resources: dict[str, float] = {"CPU": cfg.cluster.cpus_per_worker}
     if cfg.cluster.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = cfg.cluster.gpus_per_worker
     scaling = ray.train.ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                       resources_per_worker=resources)
     run_config = ray.train.RunConfig(
@@ -94,6 +132,7 @@ def build_trainer(cfg: Config, root: str):
             num_to_keep=cfg.run.keep_checkpoints, checkpoint_score_attribute="rsum",
             checkpoint_score_order="max"),
         failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+        callbacks=callbacks,
     )
     return TorchTrainer(train_loop, train_loop_config=loop_cfg, scaling_config=scaling, run_config=run_config)
 

@@ -1,0 +1,84 @@
+"""An IMRAM model as an MLflow pyfunc: the consolidated inference checkpoint (fp32 weights,
+resolved config and vocabulary) wrapped so that
+
+    mlflow.pyfunc.load_model("models:/NAME@champion").predict(
+        {"regions": float32 [N, R, D], "captions": ["a red dog", ...]})
+
+returns the [N, M] score matrix, exactly what load_inference_checkpoint + similarity give."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+
+CHECKPOINT_ARTIFACT = "checkpoint"
+
+
+class IMRAMScorer(mlflow.pyfunc.PythonModel):
+    """Scores every image against every caption (captions tokenised with the bundled vocabulary)."""
+
+    def load_context(self, context: Any) -> None:
+        from imram_dist.data import Vocabulary
+        from imram_dist.model import load_inference_checkpoint
+
+        self.model, meta = load_inference_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
+        self.vocab = Vocabulary.from_json(meta["vocab"])
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+        import torch
+
+        from imram_dist.data import pad_tokens
+
+        regions, captions = _unpack(model_input)
+        tokens, lengths = pad_tokens([self.vocab.encode(c) for c in captions])
+        with torch.no_grad():
+            scores = self.model(torch.from_numpy(regions), tokens, lengths)
+        return scores.float().numpy()
+
+
+def _unpack(model_input: Any) -> tuple[np.ndarray, list[str]]:
+    try:
+        regions, captions = model_input["regions"], model_input["captions"]
+    except (KeyError, TypeError, IndexError):
+        raise ValueError('IMRAM model input: expected {"regions": float32 [N, R, D], "captions": [str, ...]}, '
+                         f"got {type(model_input).__name__}") from None
+    regions = np.ascontiguousarray(np.asarray(regions, dtype=np.float32))
+    if regions.ndim != 3:
+        raise ValueError(f"IMRAM model input: regions must be [N, R, D], got shape {regions.shape}")
+    captions = [str(c) for c in np.asarray(captions, dtype=object).reshape(-1)]
+    if not captions:
+        raise ValueError("IMRAM model input: captions is empty")
+    return regions, captions
+
+
+def signature(regions: int, feature_dim: int) -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, regions, feature_dim), "regions"),
+                     TensorSpec(np.dtype(str), (-1,), "captions")])
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, -1), "scores")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def pip_requirements() -> list[str]:
+    """The serving environment: this package and its pins (skips MLflow's slow inference)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return [f"imram-dist=={version('imram-dist')}"]
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return ["imram-dist"]
+
+
+def log_model(run_id: str, checkpoint_path: str, regions: int, feature_dim: int) -> str:
+    """Log the checkpoint as a pyfunc model named "model" in run_id; returns its model URI."""
+    import mlflow
+
+    with mlflow.start_run(run_id=run_id, nested=True):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=IMRAMScorer(), artifacts={CHECKPOINT_ARTIFACT: checkpoint_path},
+            signature=signature(regions, feature_dim), pip_requirements=pip_requirements())
+    return info.model_uri
