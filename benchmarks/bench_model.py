@@ -1,17 +1,22 @@
-"""IMRAM scoring benchmark at paper sizes (d=1024, R=36, D=2048, ~12-token captions, K=3).
+"""IMRAM scoring and training-step benchmark at paper sizes (d=1024, R=36, D=2048, ~12-token
+captions, full IMRAM K=3), fp32 and bf16, eager and fused kernels, against a per-caption loop
+written like the authors' code, all measured in the same run.
 
-Prints a table: per mode (text / image / full), pairs/s of the fast all-pairs scoring vs a
-per-caption loop written like the authors' code (loop over captions, expand the caption against all
-images, MDU after every step including the last), measured in the same run; achieved GFLOP/s of the
-fast path (FLOPs counted analytically) as a fraction of dense matmul GFLOP/s measured in the same
-run; and the peak RSS of one training step (forward + hinge loss + backward) at batch 32 and 128,
-each in a fresh subprocess.
+    python benchmarks/bench_model.py             # scoring + training step, a few minutes
+    python benchmarks/bench_model.py --quick     # smaller blocks, fewer rounds
+    python benchmarks/bench_model.py --no-train  # scoring only
 
-    python benchmarks/bench_model.py            # a few minutes
-    python benchmarks/bench_model.py --quick    # about a minute
-    python benchmarks/bench_model.py --compile  # also time the torch.compile'd scoring core
+Prints the CPU model and its bf16 support, the load average, and tables:
+- scoring: ms/pair per path, speed-up against the fp32 per-caption loop, achieved GFLOP/s
+  (matmul FLOPs of the path, counted analytically) as a share of the same dtype's dense matmul
+  rate measured in the same interleaved rounds;
+- one training step at batch 32 (encoders, all B x B pairs, hinge loss, backward, gradient
+  clipping at 2.0, Adam) per path, against the same step through the per-caption loop, with the
+  peak RSS of each path measured in a fresh process.
+Every path is timed in interleaved rounds (one call of each per round) and reported as the
+median: the machine is shared, so compare ratios from one run, not times across runs.
 
-Not a test: it asserts only that the loop and the fast path agree.
+Not a test: it only asserts that the paths agree (fp32 exactly, bf16 within rounding).
 """
 
 from __future__ import annotations
@@ -19,24 +24,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from imram_dist.config import ModelConfig  # noqa: E402
-from imram_dist.model import IMRAM, hinge_loss  # noqa: E402
+from imram_dist.model import IMRAM, hinge_loss, kernels  # noqa: E402
 
 R, D_IMG, D, K, VOCAB = 36, 2048, 1024, 3, 10000
+MM = (4608, D, 2 * D)  # the dense matmul whose rate the paths are compared with
 
 
-def paper_config(mode: str, **kw) -> ModelConfig:
+def paper_config(mode: str = "full", **kw) -> ModelConfig:
     return ModelConfig(image_dim=D_IMG, embed_size=D, word_dim=300, vocab_size=VOCAB, mode=mode, steps=K,
                        lambda_softmax=9.0, **kw)
 
@@ -49,14 +55,18 @@ def embeddings(n_img: int, n_cap: int, seed: int = 0):
     return img, cap, lengths
 
 
-def best_time(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+def machine() -> str:
+    name, flags = platform.processor() or "unknown CPU", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+        name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), name)
+        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    except OSError:
+        pass
+    bf16 = [fl for fl in ("amx_bf16", "amx_tile", "avx512_bf16") if fl in flags]
+    return (f"{name}, {os.cpu_count()} CPUs, bf16 support: {' '.join(bf16) or 'none (no AMX/AVX512-BF16)'}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
 # ------------------------------------------------------------------ the authors' structure
@@ -85,7 +95,8 @@ def _gated(model, query, attended, direction):
 
 
 def loop_scores(model: IMRAM, images: torch.Tensor, captions: torch.Tensor, lengths) -> torch.Tensor:
-    """Per-caption loop mirroring the authors' xattn_score_{Text,Image}_IMRAM."""
+    """Per-caption loop mirroring the authors' xattn_score_{Text,Image}_IMRAM (differentiable:
+    their training step backpropagates through exactly this)."""
     cfg = model.config
     n_image = images.shape[0]
     cols = []
@@ -107,7 +118,7 @@ def loop_scores(model: IMRAM, images: torch.Tensor, captions: torch.Tensor, leng
     return torch.stack(cols, 1)
 
 
-# ------------------------------------------------------------------ FLOP count of the fast path
+# ------------------------------------------------------------------ FLOP counts
 
 def fast_flops(mode: str, n_img: int, lengths: torch.Tensor, L_pad: int) -> float:
     """Multiply-adds x 2 of every matmul the fast path runs (elementwise work not counted)."""
@@ -133,120 +144,209 @@ def fast_flops(mode: str, n_img: int, lengths: torch.Tensor, L_pad: int) -> floa
     return total
 
 
-def matmul_gflops(reps: int) -> float:
-    a, b = torch.randn(4608, D), torch.randn(D, 2 * D)
-    return 2 * 4608 * D * 2 * D / best_time(lambda: a @ b, reps) / 1e9
+def mm_flops() -> float:
+    return 2.0 * MM[0] * MM[1] * MM[2]
 
 
-# ------------------------------------------------------------------ training-step memory
+# ------------------------------------------------------------------ timing
 
-def train_step_child(batch: int, mode: str, budget: float) -> None:
+def interleaved(fns: dict, rounds: int) -> dict:
+    """One call of each function per round, after one warm-up call each; median seconds."""
+    for f in fns.values():
+        f()
+    ts = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
+def with_kernels(model: IMRAM, name: str) -> IMRAM:
+    m = IMRAM(model.config, kernels=name)
+    m.load_state_dict(model.state_dict())
+    return m.train(model.training)
+
+
+def scoring(args) -> None:
+    torch.set_grad_enabled(False)
+    n_img, n_cap, n_loop_cap = (16, 32, 8) if args.quick else (32, 64, 16)
+    img, cap, lengths = embeddings(n_img, n_cap)
     torch.manual_seed(0)
-    model = IMRAM(paper_config(mode, score_memory_mb=budget))
-    regions = torch.randn(batch, R, D_IMG)
-    lengths = torch.randint(8, 17, (batch,))
-    tokens = torch.randint(4, VOCAB, (batch, int(lengths.max())))
+    model = IMRAM(paper_config(args.mode)).eval()
+    bf = torch.bfloat16
+    a32, b32 = torch.randn(MM[0], MM[1]), torch.randn(MM[1], MM[2])
+    a16, b16 = a32.to(bf), b32.to(bf)
+    paths = {  # name: (dtype, kernels)
+        "fp32 eager": (torch.float32, "eager"), "fp32 fused": (torch.float32, "fused"),
+        "bf16 eager": (bf, "eager"), "bf16 fused": (bf, "fused")}
+    models = {k: with_kernels(model, kern).eval() for k, (_, kern) in paths.items()}
+    inputs = {torch.float32: (img, cap), bf: (img.to(bf), cap.to(bf))}
+    t0 = time.perf_counter()
+    for k, (dt, _) in paths.items():  # compile the fused kernels outside the timed rounds
+        models[k].similarity(*inputs[dt], lengths)
+    compile_s = time.perf_counter() - t0
+    fns = {"loop": lambda: loop_scores(model, img, cap[:n_loop_cap], lengths[:n_loop_cap]),
+           "mm fp32": lambda: a32 @ b32, "mm bf16": lambda: a16 @ b16}
+    for k, (dt, _) in paths.items():
+        fns[k] = (lambda m=models[k], i=inputs[dt]: m.similarity(*i, lengths))
+    med = interleaved(fns, args.rounds)
+    ref = loop_scores(model, img, cap[:n_loop_cap], lengths[:n_loop_cap])
+    errs = {}
+    for k, (dt, _) in paths.items():
+        i, c = inputs[dt]
+        s = models[k].similarity(i, c[:n_loop_cap], lengths[:n_loop_cap])
+        errs[k] = float((s.float() - ref).abs().max())
+        assert errs[k] < (1e-3 if dt == torch.float32 else 0.1), f"{k}: disagrees with the loop by {errs[k]}"
+    fl = fast_flops(args.mode, n_img, lengths, cap.shape[1])
+    rate = {torch.float32: mm_flops() / med["mm fp32"] / 1e9, bf: mm_flops() / med["mm bf16"] / 1e9}
+    loop_ms = med["loop"] / (n_img * n_loop_cap) * 1e3
+    print(f"\n## Scoring, {args.mode} IMRAM: {n_img} images x {n_cap} captions (mean length "
+          f"{lengths.float().mean():.1f}) per call; loop on {n_img} x {n_loop_cap}; medians of {args.rounds} "
+          f"interleaved rounds; dense matmul {MM[0]}x{MM[1]} @ {MM[1]}x{MM[2]} in the same rounds: "
+          f"fp32 {rate[torch.float32]:.0f} GFLOP/s, bf16 {rate[bf]:.0f} GFLOP/s "
+          f"({rate[bf] / rate[torch.float32]:.1f}x); fused kernels compiled in {compile_s:.0f} s (first calls)\n")
+    print("| path | ms/pair | vs fp32 loop | GFLOP/s | % of same-dtype matmul | max abs diff vs loop |")
+    print("|---|---|---|---|---|---|")
+    print(f"| per-caption loop, fp32 | {loop_ms:.3f} | 1.0x | | | |")
+    for k, (dt, kern) in paths.items():
+        ms = med[k] / (n_img * n_cap) * 1e3
+        auto = " (auto)" if kernels.auto_choice(torch.device("cpu"), dt) == kern else ""
+        print(f"| {k}{auto} | {ms:.3f} | {loop_ms / ms:.1f}x | {fl / med[k] / 1e9:.0f} | "
+              f"{100 * fl / med[k] / 1e9 / rate[dt]:.0f}% | {errs[k]:.1e} |")
+
+
+# ------------------------------------------------------------------ training step
+
+TRAIN_PATHS = {  # name: (autocast dtype or None, kernels, use the per-caption loop)
+    "loop fp32": (None, "eager", True),
+    "fp32 eager": (None, "eager", False),
+    "fp32 fused": (None, "fused", False),
+    "bf16 autocast eager": (torch.bfloat16, "eager", False),
+    "bf16 autocast fused": (torch.bfloat16, "fused", False),
+}
+
+
+def train_batch(batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    regions = torch.relu(torch.randn(batch, R, D_IMG, generator=g))
+    lengths = torch.randint(8, 17, (batch,), generator=g)
+    tokens = torch.randint(4, VOCAB, (batch, int(lengths.max())), generator=g)
+    return regions, tokens, lengths
+
+
+def make_step(path: str, model: IMRAM, batch):
+    """One optimisation step as the training loop runs it: encoders, all pairs, hinge loss,
+    backward, global-norm clipping at 2.0, Adam."""
+    autocast, kern, loop = TRAIN_PATHS[path]
+    model = with_kernels(model, kern).train()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4)
+    regions, tokens, lengths = batch
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+            if loop:
+                img = model.encode_images(regions)
+                cap = model.encode_captions(tokens, lengths)
+                scores = loop_scores(model, img, cap, lengths)
+            else:
+                scores = model(regions, tokens, lengths)
+            loss = hinge_loss(scores.float(), 0.2, True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+def train_memory_child(path: str, batch: int) -> None:
+    torch.manual_seed(0)
+    model = IMRAM(paper_config())
+    step = make_step(path, model, train_batch(batch))
+    step()  # first step: compiles the fused kernels, allocates Adam state
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
-    loss = hinge_loss(model(regions, tokens, lengths), 0.2, True)
-    loss.backward()
+    step()
     dt = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     print(json.dumps({"peak_gib": peak / 2**20, "before_gib": rss0 / 2**20, "step_s": dt}))
 
 
-def train_step(batch: int, mode: str, budget: float) -> dict:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_train-step", str(batch), mode,
-                          str(budget)], capture_output=True, text=True, check=True)
+def train_memory(path: str, batch: int) -> dict:
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_train-memory", path, str(batch)],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-# ------------------------------------------------------------------ main
+def training(args) -> None:
+    torch.set_grad_enabled(True)
+    torch.manual_seed(0)
+    model = IMRAM(paper_config())
+    batch = train_batch(args.batch)
+    steps = {p: make_step(p, model, batch) for p in TRAIN_PATHS}
+    losses = {p: s() for p, s in steps.items()}  # from the same weights: the first losses agree
+    for p, v in losses.items():
+        tol = 1e-3 if TRAIN_PATHS[p][0] is None else 0.05 * abs(losses["loop fp32"]) + 0.1
+        assert abs(v - losses["loop fp32"]) <= tol, f"{p}: first-step loss {v} vs loop {losses['loop fp32']}"
+    bf = torch.bfloat16
+    a32, b32 = torch.randn(MM[0], MM[1]), torch.randn(MM[1], MM[2])
+    a16, b16 = a32.to(bf), b32.to(bf)
+    fns = dict(steps)
+    fns["mm fp32"] = lambda: a32 @ b32
+    fns["mm bf16"] = lambda: a16 @ b16
+    med = interleaved(fns, args.train_rounds)
+    rate = {None: mm_flops() / med["mm fp32"] / 1e9, bf: mm_flops() / med["mm bf16"] / 1e9}
+    # useful FLOPs: scoring forward x 3 (backward costs two matmuls per forward matmul); encoders
+    # and the recomputation of checkpointed chunks not counted
+    regions, tokens, lengths = batch
+    fl = 3 * fast_flops("full", args.batch, lengths, int(lengths.max()))
+    mem = {} if args.no_memory else {p: train_memory(p, args.batch) for p in TRAIN_PATHS}
+    loop_s = med["loop fp32"]
+    print(f"\n## Training step, full IMRAM, batch {args.batch} ({args.batch ** 2} pairs; encoders, hinge loss, "
+          f"backward, clip 2.0, Adam); medians of {args.train_rounds} interleaved rounds after a warm-up "
+          f"step each; matmul in the same rounds: fp32 {rate[None]:.0f}, bf16 {rate[bf]:.0f} GFLOP/s; "
+          f"peak RSS of each path in a fresh process (second step)\n")
+    print("| path | step s | vs fp32 loop | scoring GFLOP/s (fwd+bwd) | % of same-dtype matmul | peak RSS GiB |")
+    print("|---|---|---|---|---|---|")
+    for p, (ac, kern, loop) in TRAIN_PATHS.items():
+        gib = f"{mem[p]['peak_gib']:.2f}" if p in mem else "-"
+        if loop:
+            print(f"| per-caption loop, fp32 | {med[p]:.2f} | 1.0x | | | {gib} |")
+            continue
+        auto = " (auto)" if kernels.auto_choice(torch.device("cpu"), ac or torch.float32) == kern else ""
+        print(f"| {p}{auto} | {med[p]:.2f} | {loop_s / med[p]:.1f}x | {fl / med[p] / 1e9:.0f} | "
+              f"{100 * fl / med[p] / 1e9 / rate[ac]:.0f}% | {gib} |")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smaller blocks, fewer repetitions")
-    ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd scoring core")
-    ap.add_argument("--modes", default="text,image,full")
-    ap.add_argument("--_train-step", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="smaller scoring blocks, fewer rounds")
+    ap.add_argument("--mode", default="full", choices=["full", "text", "image"], help="scoring mode")
+    ap.add_argument("--rounds", type=int, default=0, help="scoring rounds (default 5, 3 with --quick)")
+    ap.add_argument("--train-rounds", type=int, default=0, help="training rounds (default 3, 2 with --quick)")
+    ap.add_argument("--batch", type=int, default=32, help="training batch")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    ap.add_argument("--no-train", action="store_true", help="scoring only")
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-path peak-RSS subprocesses")
+    ap.add_argument("--_train-memory", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args._train_step:
-        b, mode, budget = args._train_step
-        train_step_child(int(b), mode, float(budget))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._train_memory:
+        train_memory_child(args._train_memory[0], int(args._train_memory[1]))
         return
-    torch.set_grad_enabled(False)
-    n_img, n_cap, n_loop_cap, reps = (16, 32, 8, 3) if args.quick else (32, 64, 16, 5)
-    img, cap, lengths = embeddings(n_img, n_cap)
+    args.rounds = args.rounds or (3 if args.quick else 5)
+    args.train_rounds = args.train_rounds or (2 if args.quick else 3)
     load0 = os.getloadavg()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; d={D} R={R} K={K}, "
-          f"{n_img} images x {n_cap} captions (mean length {lengths.float().mean():.1f}); "
-          f"loop baseline on {n_img} x {n_loop_cap}; load average at start {load0[0]:.1f}")
-    a_mm, b_mm = torch.randn(4608, D), torch.randn(D, 2 * D)
-    mm_flops = 2 * 4608 * D * 2 * D
-    rows = []
-    for mode in args.modes.split(","):
-        torch.manual_seed(0)
-        model = IMRAM(paper_config(mode)).eval()
-        fns = {"fast": lambda: model.similarity(img, cap, lengths),
-               "loop": lambda: loop_scores(model, img, cap[:n_loop_cap], lengths[:n_loop_cap]),
-               "mm": lambda: a_mm @ b_mm}
-        row = dict(mode=mode)
-        if args.compile:
-            cmodel = IMRAM(replace(paper_config(mode), compile_scoring=True)).eval()
-            cmodel.load_state_dict(model.state_dict())
-            t0 = time.perf_counter()
-            cmodel.similarity(img, cap, lengths)
-            row["compile_s"] = time.perf_counter() - t0
-            fns["compiled"] = lambda: cmodel.similarity(img, cap, lengths)
-        for f in fns.values():  # warm-up
-            f()
-        # interleaved rounds (fast, loop, matmul[, compiled] each round), medians: the machine is shared
-        ts = {k: [] for k in fns}
-        for _ in range(reps):
-            for k, f in fns.items():
-                t = time.perf_counter()
-                f()
-                ts[k].append(time.perf_counter() - t)
-        med = {k: statistics.median(v) for k, v in ts.items()}
-        err = (loop_scores(model, img, cap[:n_loop_cap], lengths[:n_loop_cap])
-               - model.similarity(img, cap[:n_loop_cap], lengths[:n_loop_cap])).abs().max().item()
-        assert err < 1e-3, f"{mode}: loop and fast path disagree by {err}"
-        fl = fast_flops(mode, n_img, lengths, cap.shape[1])
-        row.update(fast_ms_pair=med["fast"] / (n_img * n_cap) * 1e3,
-                   loop_ms_pair=med["loop"] / (n_img * n_loop_cap) * 1e3,
-                   gflops=fl / med["fast"] / 1e9, mm_gflops=mm_flops / med["mm"] / 1e9, max_err=err)
-        if args.compile:
-            row["compiled_ms_pair"] = med["compiled"] / (n_img * n_cap) * 1e3
-            row["compiled_gflops"] = fl / med["compiled"] / 1e9
-        rows.append(row)
+    print(f"{machine()}\nload average at start: {load0[0]:.1f} (1 min), {load0[1]:.1f} (5 min)")
+    scoring(args)
+    if not args.no_train:
+        training(args)
     load1 = os.getloadavg()
-    print(f"\nmedians of {reps} interleaved rounds; dense fp32 matmul [4608 x {D}] @ [{D} x {2 * D}] timed in "
-          f"the same rounds; load average at end {load1[0]:.1f} (1 min), {load1[1]:.1f} (5 min)\n")
-    head = ("| mode | fast ms/pair | loop ms/pair | speed-up vs loop | fast GFLOP/s | matmul GFLOP/s | "
-            "% of matmul |")
-    if args.compile:
-        head += " compiled ms/pair | compiled % of matmul | compile s |"
-    print(head)
-    print("|" + "---|" * (head.count("|") - 1))
-    for r in rows:
-        line = (f"| {r['mode']} | {r['fast_ms_pair']:.3f} | {r['loop_ms_pair']:.3f} | "
-                f"{r['loop_ms_pair'] / r['fast_ms_pair']:.1f}x | {r['gflops']:.1f} | {r['mm_gflops']:.1f} | "
-                f"{100 * r['gflops'] / r['mm_gflops']:.0f}% |")
-        if args.compile:
-            line += (f" {r['compiled_ms_pair']:.3f} | {100 * r['compiled_gflops'] / r['mm_gflops']:.0f}% | "
-                     f"{r['compile_s']:.0f} |")
-        print(line)
-    diffs = ", ".join(f"{r['mode']} {r['max_err']:.1e}" for r in rows)
-    print(f"\n(loop vs fast max |diff| per mode: {diffs})")
-    print("\nOne training step (forward + hinge loss + backward), full IMRAM, fresh process each, "
-          "score_memory_mb=1024:")
-    print("| batch | peak RSS GiB | step s | load average |")
-    print("|---|---|---|---|")
-    for b in ((32,) if args.quick else (32, 128)):
-        r = train_step(b, "full", 1024.0)
-        print(f"| {b} | {r['peak_gib']:.2f} | {r['step_s']:.1f} | {os.getloadavg()[0]:.1f} |")
-    if args.quick:
-        print("(batch 128 skipped with --quick)")
+    print(f"\nload average at end: {load1[0]:.1f} (1 min), {load1[1]:.1f} (5 min)")
 
 
 if __name__ == "__main__":

@@ -138,6 +138,16 @@ def test_cli_one_to_one_and_inference_checkpoint(dataset, tmp_path, capsys):
     out = json.loads(js.read_text())
     assert out["protocol"] == "1to1" and out["images"] == 6 and out["captions"] == 6
     assert 0 <= out["metrics"]["rsum"] <= 600
+    assert out["precision"] == "fp32"
+    # eval.precision=bf16: scored in bf16, recorded in the output; a value outside the choices is refused
+    rc = main(["--checkpoint", str(path.parent), "--data", str(dataset["root"]), "--split", "dev",
+               "--json", str(js), "--no-progress", "eval.precision=bf16"])
+    assert rc == 0, capsys.readouterr().err
+    assert "pairs/s scoring in bf16" in capsys.readouterr().out
+    assert json.loads(js.read_text())["precision"] == "bf16"
+    rc = main(["--checkpoint", str(path.parent), "--data", str(dataset["root"]), "--split", "dev",
+               "--no-progress", "eval.precision=fp16"])
+    assert rc == 2 and "eval.precision" in capsys.readouterr().err
 
 
 def test_model_registry_uri(dataset, tmp_path, monkeypatch):

@@ -84,6 +84,24 @@ def test_blocked_scoring_equals_one_shot(model):
     np.testing.assert_allclose(out2, full, atol=1e-5, rtol=0)
 
 
+def test_bf16_precision_scores_close_to_fp32(model):
+    """eval.precision=bf16: the same encoders, embeddings scored in bf16 (fp32 scores out), close to
+    the fp32 matrix (tests/test_model_precision.py bounds the error against the oracle; here only the
+    wiring is checked: bf16 really ran, and the numbers are near); an unknown precision is refused."""
+    split = make_split()
+    cfg = EvalConfig(block_images=5, block_captions=7, image_batch=4)
+    fp32 = evaluate_split(model, split, "auto", 1, cfg, keep_sims=True)
+    bf16 = evaluate_split(model, split, "auto", 1, dataclasses.replace(cfg, precision="bf16"), keep_sims=True)
+    diff = np.abs(np.asarray(bf16.sims) - np.asarray(fp32.sims))
+    assert bf16.sims.dtype == np.float32 and 0 < diff.max() < 0.1 and diff.mean() < 0.01
+    img = encode_images(model, split.regions, batch=4)
+    caps = encode_captions(model, split.tokens, split.lengths, block=7)
+    out, _ = score_matrix(model, img, caps, block_images=5, block_captions=7, precision="bf16")
+    np.testing.assert_allclose(out, bf16.sims, atol=1e-6, rtol=0)
+    with pytest.raises(EvalError, match="eval.precision: expected one of"):
+        evaluate_split(model, split, "auto", 1, dataclasses.replace(cfg, precision="fp16"))
+
+
 def test_two_workers_equal_one(model, tmp_path):
     """Distributed scoring over 2 gloo processes equals single-process scoring."""
     split = make_split(n=14)

@@ -141,7 +141,8 @@ def _run(args: argparse.Namespace) -> int:
 
     header = (f"{info['source']} on {root}:{split} protocol {result.protocol}: "
               f"{result.n_images} images x {result.n_captions} captions, {result.pairs:,} pairs in "
-              f"{result.seconds:.1f} s ({result.pairs / max(result.score_seconds, 1e-9):,.0f} pairs/s scoring, "
+              f"{result.seconds:.1f} s ({result.pairs / max(result.score_seconds, 1e-9):,.0f} pairs/s scoring "
+              f"in {cfg.eval.precision}, "
               f"{result.workers} worker{'s' if result.workers > 1 else ''})")
     print(header)
     result.notes = load_notes + result.notes
@@ -152,6 +153,7 @@ def _run(args: argparse.Namespace) -> int:
     print(format_table(result.metrics, "mean over folds" if result.folds else ""))
 
     summary = {**result.to_json(), "source": info["source"], "data": root, "split": split,
+               "precision": cfg.eval.precision,
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if args.save_sims:
         summary["sims"] = str(args.save_sims)

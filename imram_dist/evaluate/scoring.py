@@ -59,6 +59,18 @@ def _dtype(model: Any) -> torch.dtype:
         return torch.float32
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def scoring_dtype(precision: str) -> torch.dtype:
+    """The dtype embeddings are scored in for ``eval.precision`` (the encoders always run in the
+    model's own dtype; bf16 scoring keeps attention, norms, cosines and scores in fp32)."""
+    try:
+        return PRECISIONS[precision]
+    except KeyError:
+        raise EvalError(f"eval.precision: expected one of {sorted(PRECISIONS)}, got {precision!r}") from None
+
+
 def _as_tensor(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
     return t if dtype is None else t.to(dtype)
@@ -160,18 +172,21 @@ class _Progress:
 @torch.no_grad()
 def score_matrix(model: Any, image_emb: torch.Tensor, caption_emb: torch.Tensor | CaptionBlocks, lengths: Any = None,
                  rank: int = 0, world_size: int = 1, out: Any = None, *, block_images: int | None = None,
-                 block_captions: int | None = None, progress: bool = False) -> tuple[Any, tuple[int, int]]:
+                 block_captions: int | None = None, progress: bool = False,
+                 precision: str | None = None) -> tuple[Any, tuple[int, int]]:
     """Score this rank's image rows against all captions, block by block.
 
     ``image_emb``: [N, R, d] embeddings of all N images of the matrix; ``caption_emb``:
     [M, L, d] with ``lengths`` [M], or the blocks returned by :func:`encode_captions`.
     Rank ``rank`` of ``world_size`` scores rows [r0, r1) (:func:`image_rows`) into ``out``
     ([r1 - r0, M], float32; allocated when None; numpy, np.memmap or torch). Returns
-    ``(out, (r0, r1))``. Block sizes default to :class:`EvalConfig`'s.
+    ``(out, (r0, r1))``. Block sizes and ``precision`` ("fp32" or "bf16": the dtype the
+    embeddings are scored in) default to :class:`EvalConfig`'s.
     """
     defaults = EvalConfig()
     block_images = block_images or defaults.block_images
     block_captions = block_captions or defaults.block_captions
+    dtype = scoring_dtype(precision or defaults.precision)
     model = _unwrap(model)
     blocks = _caption_blocks(caption_emb, lengths, block_captions)
     n = image_emb.shape[0]
@@ -181,7 +196,7 @@ def score_matrix(model: Any, image_emb: torch.Tensor, caption_emb: torch.Tensor 
         out = np.zeros((r1 - r0, m), dtype=np.float32)
     if tuple(out.shape) != (r1 - r0, m):
         raise ValueError(f"out has shape {tuple(out.shape)}; rank {rank} needs {(r1 - r0, m)}")
-    dev, dtype = _device(model), _dtype(model)
+    dev = _device(model)
     bar = _Progress((r1 - r0) * m, progress and rank == 0,
                     "scoring" if world_size == 1 else f"scoring (rank 0 of {world_size})")
     torch_out = isinstance(out, torch.Tensor)
@@ -369,11 +384,11 @@ def _score_groups(model: Any, eval_split: Any, plan: ProtocolPlan, cfg: EvalConf
             local, _ = score_matrix(model, padded, caps, rank=rank, world_size=world,
                                     out=target[r0:r1] if rank == 0 else None,
                                     block_images=cfg.block_images, block_captions=cfg.block_captions,
-                                    progress=progress)
+                                    progress=progress, precision=cfg.precision)
             gather_rows(None if rank == 0 else local, n, cfg.block_images, out=target, dst=0)
         else:
             score_matrix(model, padded, caps, out=target, block_images=cfg.block_images,
-                         block_captions=cfg.block_captions, progress=progress)
+                         block_captions=cfg.block_captions, progress=progress, precision=cfg.precision)
         if distributed:
             dist.barrier()
 
@@ -407,6 +422,7 @@ def distributed_evaluate(model: Any, eval_split: Any, protocol: str = "auto", cf
     import torch.distributed as dist
 
     cfg = cfg or EvalConfig()
+    scoring_dtype(cfg.precision)  # a bad value fails before any encoding
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     check_compatible(model, eval_split)
@@ -482,6 +498,7 @@ def evaluate_split(model: Any, eval_split: Any, protocol: str = "auto", workers:
     Metrics are computed here, from the one matrix.
     """
     cfg = cfg or EvalConfig()
+    scoring_dtype(cfg.precision)
     if workers < 1:
         raise EvalError(f"--workers must be at least 1, got {workers}")
     check_compatible(model, eval_split)
@@ -526,5 +543,5 @@ def evaluate_split(model: Any, eval_split: Any, protocol: str = "auto", workers:
 
 __all__: Sequence[str] = (
     "EvalResult", "allocate_scores", "distributed_evaluate", "encode_captions", "encode_images",
-    "evaluate_split", "gather_rows", "image_rows", "score_matrix", "check_compatible", "Group",
+    "evaluate_split", "gather_rows", "image_rows", "score_matrix", "scoring_dtype", "check_compatible", "Group",
 )
