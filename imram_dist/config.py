@@ -10,6 +10,7 @@ prints them.
 from __future__ import annotations
 
 import ast
+import re
 import dataclasses
 import inspect
 import textwrap
@@ -522,6 +523,9 @@ def help_text(cfg: Config | None = None) -> str:
     return "\n".join(lines)
 
 
+_DOTTED_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
+
+
 def parse_cli(argv: list[str], prog: str, description: str,
               shorthands: dict[str, str] | None = None, default_preset: str = DEFAULT_PRESET) -> Config:
     """``[--config FILE|PRESET] [--flag VALUE ...] [key=value ...]`` -> Config; ``--help`` lists
@@ -566,7 +570,7 @@ def parse_cli(argv: list[str], prog: str, description: str,
                 overrides.append(f"{key}=true")
             elif eq:
                 overrides.append(f"{key}={inline}")
-            elif args and not args[0].startswith("--"):
+            elif args and not args[0].startswith("--") and not _DOTTED_OVERRIDE.match(args[0]):
                 overrides.append(f"{key}={args.pop(0)}")
             else:
                 raise ConfigError(f"{flag} needs a value (it sets {key})")

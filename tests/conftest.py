@@ -91,3 +91,41 @@ def ray_cluster() -> Iterator[None]:
         os.environ.pop("RAY_ADDRESS", None)
     else:
         os.environ["RAY_ADDRESS"] = saved
+
+
+def start_mlflow_server(root, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on 127.0.0.1 with an sqlite backend under root (lean: one worker,
+    no job execution). Returns (process, URL) once /health answers."""
+    port = port or free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--default-artifact-root", f"{root}/artifacts", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=open(os.path.join(root, "server.log"), "ab"), env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return proc, url
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"mlflow server did not start; see {root}/server.log")
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[tuple[str, str]]:
+    """One MLflow tracking server for the session: yields (URL, its folder)."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    proc, url = start_mlflow_server(str(root))
+    try:
+        yield url, str(root)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
