@@ -358,3 +358,42 @@ def test_upload_refuses_a_vocabulary_that_does_not_match_the_manifest(tmp_path, 
     assert cli(["upload", str(out), dest]) == 2
     assert "manifest.json: field vocab_sha256 is missing or empty" in capsys.readouterr().err
     assert boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="datasets/badvocab").get("KeyCount") == 0
+
+
+def test_upload_is_verified_by_s3_checksums_without_reading_back(tmp_path, s3_bucket, monkeypatch, capsys):
+    import base64
+
+    import imram_dist.data.tools as tools
+    from imram_dist.data.io import s3_client
+
+    make_precomp(tmp_path / "pre", n_train=20, n_dev=2, n_test=2, R=36, D=2048)
+    out = tmp_path / "out"
+    m = convert_precomp(str(tmp_path / "pre"), str(out), samples_per_shard=20, dtype="float32", progress=False)
+    big = out / "train-00000.tar"
+    assert big.stat().st_size > 5 << 20  # two parts of 5 MiB
+    gets: list[str] = []
+    client = s3_client()
+
+    def on_get(**kw):
+        gets.append(kw["params"]["url_path"])
+
+    client.meta.events.register("before-call.s3.GetObject", on_get)
+    try:
+        dest = f"s3://{s3_bucket}/datasets/checksums"
+        assert cli(["upload", str(out), dest, "--chunk-mb", "5"]) == 0
+        assert "by the store's SHA-256 checksum" in capsys.readouterr().out
+        assert gets == []  # nothing was downloaded to verify it
+        # the store's checksum of the two-part object is S3's composite of the parts' SHA-256
+        data = big.read_bytes()
+        parts = [hashlib.sha256(data[i:i + (5 << 20)]).digest() for i in (0, 5 << 20)]
+        head = client.head_object(Bucket=s3_bucket, Key="datasets/checksums/train-00000.tar", ChecksumMode="ENABLED")
+        assert head["ChecksumSHA256"].split("-")[0] == base64.b64encode(hashlib.sha256(b"".join(parts)).digest()).decode()
+        assert head["Metadata"]["sha256"] == m.splits["train"].shards[0].sha256
+        assert torch.equal(load_eval_split(dest, "train").regions, load_eval_split(str(out), "train").regions)
+        # a store holding other bytes than the local file is an error naming the file
+        real = tools._digests
+        monkeypatch.setattr(tools, "_digests", lambda path, part: (real(path, part)[0], "AAAA" + real(path, part)[1][4:]))
+        with pytest.raises(DataError, match=r"upload of vocab.json to s3://.*ChecksumSHA256 .* differs from the local"):
+            tools.upload_dataset(str(out), dest, progress=False, chunk_mb=5)
+    finally:
+        client.meta.events.unregister("before-call.s3.GetObject", on_get)

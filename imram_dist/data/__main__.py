@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             from .tools import upload_dataset
 
             r = upload_dataset(args.root, args.dest, chunk_mb=args.chunk_mb)
-            print(f"uploaded {r['files']} files ({r['bytes']} bytes) to {r['dest']}, all sha256-verified")
+            how = ", ".join(f"{n} by {'the store' + chr(39) + 's SHA-256 checksum' if k == 's3-checksum' else 'reading back'}"
+                            for k, n in sorted(r["verified"].items()))
+            print(f"uploaded {r['files']} files ({r['bytes']} bytes) to {r['dest']}, all verified ({how})")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

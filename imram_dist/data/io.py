@@ -35,6 +35,12 @@ _clients: dict[int, object] = {}
 _lock = threading.Lock()
 
 
+def s3_endpoint_url() -> str | None:
+    """The S3 endpoint by boto3's own precedence: AWS_ENDPOINT_URL_S3 (service-specific), then
+    AWS_ENDPOINT_URL (global), else None (AWS). Every S3 user in the project should take it here."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
 def s3_client():
     """One boto3 S3 client per process (clients must not cross a fork)."""
     pid = os.getpid()
@@ -44,9 +50,8 @@ def s3_client():
             import boto3
             from botocore.config import Config as BotoConfig
 
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
             client = boto3.session.Session().client(
-                "s3", endpoint_url=endpoint,
+                "s3", endpoint_url=s3_endpoint_url(),
                 config=BotoConfig(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32))
             _clients[pid] = client
     return client
