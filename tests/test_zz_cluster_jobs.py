@@ -103,8 +103,10 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 @pytest.fixture(scope="module")
 def hand_cluster(tmp_path_factory) -> Iterator[dict]:
     base = tmp_path_factory.mktemp("hand_cluster")
-    # Short path: Ray's unix sockets live under it (limit ~107 characters).
-    ray_tmp = tempfile.mkdtemp(prefix="imram-ray-", dir="/tmp")
+    # Short paths: Ray's unix sockets live under them (limit ~107 characters). One per node, as
+    # on separate machines: nodes sharing a temp dir share runtime_resources/, and the worker
+    # node deleting its copy of the job's working_dir would delete the head's too.
+    ray_tmp = [tempfile.mkdtemp(prefix="imram-ray-", dir="/tmp") for _ in range(2)]
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                DS_ACCELERATOR="cpu", RAY_DEDUP_LOGS="0", RAY_USAGE_STATS_ENABLED="0")
@@ -124,20 +126,22 @@ def hand_cluster(tmp_path_factory) -> Iterator[dict]:
     try:
         mlflow = start(["bash", str(CLUSTER / "start_mlflow.sh"), str(base / "mlflow"), str(base / "mlflow" / "artifacts"),
                         str(mlflow_port)], "mlflow.log")
-        head = start(["bash", str(CLUSTER / "start_head.sh"), "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+        # Ray turns a 127.0.0.1 node address into the machine's own IP, so none is given; the
+        # dashboard (Jobs API) and MLflow listen on 127.0.0.1.
+        head = start(["bash", str(CLUSTER / "start_head.sh"), f"--port={gcs_port}",
                       f"--dashboard-port={dash_port}", f"--ray-client-server-port={free_port()}", *per_node_ports(),
-                      "--num-cpus=1", f"--temp-dir={ray_tmp}", "--disable-usage-stats", "--block"], "head.log")
+                      "--num-cpus=1", f"--temp-dir={ray_tmp[0]}", "--disable-usage-stats", "--block"], "head.log")
         dashboard = f"http://127.0.0.1:{dash_port}"
         _wait_http(f"{dashboard}/api/version", head, "the Ray head's dashboard")
-        start(["bash", str(CLUSTER / "start_worker.sh"), f"127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1",
-               *per_node_ports(), "--num-cpus=1", f"--temp-dir={ray_tmp}", "--disable-usage-stats", "--block"],
+        start(["bash", str(CLUSTER / "start_worker.sh"), f"127.0.0.1:{gcs_port}", *per_node_ports(), "--num-cpus=1", f"--temp-dir={ray_tmp[1]}", "--disable-usage-stats", "--block"],
               "worker.log")
         _wait_http(f"http://127.0.0.1:{mlflow_port}/health", mlflow, "the MLflow server")
         yield {"dashboard": dashboard, "mlflow": f"http://127.0.0.1:{mlflow_port}", "env": env, "base": base,
                "started_s": time.monotonic() - t0}
     finally:
         _stop(procs)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        for d in ray_tmp:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def submit(cluster: dict, entrypoint: str, timeout_s: float) -> dict:
@@ -158,9 +162,21 @@ def submit(cluster: dict, entrypoint: str, timeout_s: float) -> dict:
 
 def tiny_cli(cluster: dict, name: str) -> list[str]:
     base = cluster["base"]
-    overrides = dict(TINY, **{"train.epochs": 1, "data.cache_dir": str(base / "data"),
+    # Half of TINY's train split: 25 steps an epoch; the jobs' plumbing is under test, not learning.
+    overrides = dict(TINY, **{"train.epochs": 1, "data.synth.train_images": 80, "data.cache_dir": str(base / "data"),
                               "run.storage": str(base / "runs"), "run.name": name})
     return as_cli(overrides)
+
+
+def trained_nodes(folder: Path) -> dict[str, set[str]]:
+    """Run folder under `folder` -> the Ray node ids its workers trained on, from the per-epoch
+    history (metrics worker_nodes) in the train_state.json of each of its checkpoints."""
+    out: dict[str, set[str]] = {}
+    for state in folder.rglob("train_state.json"):
+        run = state.relative_to(folder).parts[0]
+        for epoch in json.loads(state.read_text())["history"]:
+            out.setdefault(run, set()).update(epoch["worker_nodes"].split(","))
+    return out
 
 
 def mlflow_client(cluster: dict):
@@ -179,6 +195,7 @@ def test_training_job_on_two_nodes(hand_cluster):
     assert len(out["nodes"]) == 2
     assert TWO_NODES in out["logs"], out["logs"][-4000:]
     assert "[train] exported inference checkpoint" in out["logs"]
+    assert trained_nodes(hand_cluster["base"] / "runs")["jobs-train"] == set(out["nodes"])
 
     client = mlflow_client(hand_cluster)
     exp = client.get_experiment_by_name(experiment)
@@ -198,8 +215,11 @@ def test_search_job_on_two_nodes(hand_cluster):
                       "tune.name=jobs-search", f"tracking.registered_model={model}"])
     out = submit(hand_cluster, entry, timeout_s=420)
     assert out["status"] == "SUCCEEDED", out["logs"][-4000:]
-    # Both trials trained with one worker on each node.
-    assert out["logs"].count(TWO_NODES) >= 2, out["logs"][-4000:]
+    # Both trials trained with one worker on each node (the trials' own Train runs say so).
+    from imram_dist.tune.search import TRIALS_DIR
+
+    trials = trained_nodes(hand_cluster["base"] / "runs" / "jobs-search" / TRIALS_DIR)
+    assert len(trials) == 2 and all(nodes == set(out["nodes"]) for nodes in trials.values()), (trials, out["nodes"])
 
     client = mlflow_client(hand_cluster)
     exp = client.get_experiment_by_name(experiment)
