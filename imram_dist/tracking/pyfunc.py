@@ -26,7 +26,7 @@ class IMRAMScorer(mlflow.pyfunc.PythonModel):
         self.model, meta = load_inference_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
         self.vocab = Vocabulary.from_json(meta["vocab"])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema
         import torch
 
         from imram_dist.data import pad_tokens

@@ -228,6 +228,11 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
                f"ZeRO {cfg.train.zero_stage}, {cfg.train.precision}, micro batch {mb} x {world} workers x "
                f"{gas} accumulation = global batch {cfg.data.batch_size}")
 
+    if state["epochs_done"] >= cfg.train.epochs and state["history"]:
+        # Nothing left to train (a rerun of a finished run, or a search trial resumed after its last
+        # checkpoint): report the last epoch again, without a checkpoint, so whoever watches the
+        # reports (a Tune search) sees how the run ended.
+        ray.train.report(dict(state["history"][-1]))
     for epoch in range(state["epochs_done"], cfg.train.epochs):
         lr = lr_at_epoch(cfg.train, epoch)
         _set_lr(optimizer, lr)

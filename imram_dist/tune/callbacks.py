@@ -17,20 +17,14 @@ from typing import Any, Callable
 import yaml
 from ray.tune import Callback
 
-from imram_dist.config import Config, flat_keys, from_dict, to_dict
+from imram_dist.config import Config, from_dict, to_dict
+from imram_dist.tracking.runs import EPOCH_METRICS, flat_config
 from imram_dist.tracking.writer import RunRef, RunWriter
 from imram_dist.tune.space import SearchSpace, trial_config
 
-EPOCH_METRICS = ("loss", "lr", "pairs_per_s", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
-                 "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr", "rsum", "train_seconds", "eval_seconds")
 TRIAL_TAG = "imram.trial_id"
 SEARCH_TAG = "imram.search_path"
 FLUSH_WAIT_END_S = 300.0
-
-
-def flat_config(cfg: Config) -> dict[str, Any]:
-    """Every leaf of the config under its dotted key (the MLflow params of a run)."""
-    return {key: value for key, (value, _, _) in flat_keys(cfg).items()}
 
 
 def export_trial(cfg: Config, trials_storage: str, trial_id: str, params: dict[str, Any] | None = None,
@@ -219,6 +213,8 @@ class SearchTracker(Callback):
         from imram_dist.tracking.plots import curves_png
 
         history = trial_history(self.trials_storage, trial.trial_id)
+        for epoch in history:  # the checkpoint's record fills any epoch MLflow missed (already logged: skipped)
+            self.writer.metrics(ref, {k: epoch[k] for k in EPOCH_METRICS if k in epoch}, step=int(epoch["epoch"]))
         if history:
             self.writer.image(ref, curves_png(history, f"trial {trial.trial_id}"), "curves.png")
         if not self.cfg.tracking.log_model:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from imram_dist.config import Config, ConfigError, to_dict
+from imram_dist.config import Config, ConfigError, from_dict, to_dict
 from imram_dist.tune.space import SearchSpace, check_samples, load_space, trial_config
 
 SEARCH_STATE = "imram_search.json"
@@ -132,6 +132,23 @@ def search(cfg: Config, log: Callable[[str], None] = print) -> SearchOutcome:
     from imram_dist.tune.callbacks import ProgressPrinter, SearchTracker
 
     t0 = time.perf_counter()
+    storage = resolve_storage(cfg.run.storage)
+    fs = storage.filesystem()
+    search_path = storage.run_path(cfg.tune.name)
+    state_path = f"{search_path}/{SEARCH_STATE}"
+    trials_storage = f"{storage.uri.rstrip('/')}/{cfg.tune.name}/{TRIALS_DIR}"
+    state = _read_state(fs, state_path)
+    if state is not None and not cfg.tune.resume:
+        raise ConfigError(f"tune.name={cfg.tune.name!r}: a search of that name exists in {storage.uri}; pass --resume "
+                          f"to continue it, or choose another tune.name")
+    if cfg.tune.resume:
+        if state is None:
+            raise ConfigError(f"--resume: no search named {cfg.tune.name!r} in {storage.uri} to continue")
+        # A resumed search goes on with the config it started with (same data, same space),
+        # whatever else this command line says.
+        cfg = from_dict(state["base"])
+        cfg.tune.resume = True
+
     space = load_space(cfg.tune.space)
     check_static(cfg)
     tracking = None
@@ -143,6 +160,7 @@ def search(cfg: Config, log: Callable[[str], None] = print) -> SearchOutcome:
     base = to_dict(cfg)
     check_samples(space, base, seed=cfg.tune.seed)
 
+    local = not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
     ensure_ray(cfg, local_resources={cfg.tune.driver_resource: 1.0}, dashboard=True,
                log_to_driver=cfg.tune.verbose > 0)  # our progress lines, not every worker's
     resources = ray.cluster_resources()
@@ -151,23 +169,11 @@ def search(cfg: Config, log: Callable[[str], None] = print) -> SearchOutcome:
             f"tune.driver_resource={cfg.tune.driver_resource!r}: the Ray cluster offers none of this resource, so no "
             f"trial driver could be placed; start the head node with --resources='{{\"{cfg.tune.driver_resource}\": 1}}' "
             f"(the cluster configs in cluster/ do)")
-    if not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+    if local:
         check_resources(cfg, resources)  # a local cluster never grows; an autoscaling one may
     n_concurrent = concurrency(cfg, resources)
-
-    storage = resolve_storage(cfg.run.storage)
-    fs = storage.filesystem()
-    search_path = storage.run_path(cfg.tune.name)
-    state_path = f"{search_path}/{SEARCH_STATE}"
-    trials_storage = f"{storage.uri.rstrip('/')}/{cfg.tune.name}/{TRIALS_DIR}"
-    state = _read_state(fs, state_path)
     restorable = state is not None and tune.Tuner.can_restore(
         f"s3://{search_path}" if storage.is_s3 else search_path, storage_filesystem=fs if storage.is_s3 else None)
-    if state is not None and not cfg.tune.resume:
-        raise ConfigError(f"tune.name={cfg.tune.name!r}: a search of that name exists in {storage.uri}; pass --resume "
-                          f"to continue it, or choose another tune.name")
-    if cfg.tune.resume and state is None:
-        raise ConfigError(f"--resume: no search named {cfg.tune.name!r} in {storage.uri} to continue")
 
     parent_id = ""
     tracker = None
@@ -179,7 +185,7 @@ def search(cfg: Config, log: Callable[[str], None] = print) -> SearchOutcome:
                                         f"s3://{search_path}" if storage.is_s3 else search_path)
     if state is None:
         state = {"name": cfg.tune.name, "parent_run_id": parent_id, "space": space.source,
-                 "created": time.time()}
+                 "created": time.time(), "base": base}
         _write_state(fs, state_path, state)
 
     trainable = tune.with_resources(
