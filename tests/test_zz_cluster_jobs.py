@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -155,8 +156,11 @@ def submit(cluster: dict, entrypoint: str, timeout_s: float) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-4000:]
     out = json.loads(lines[-1][len("RESULT "):])
-    print(f"\n[cluster-jobs] job {entrypoint.split()[2]}: {out['status']} in {out['seconds']} s "
-          f"(submit to finish, cluster up in {cluster['started_s']:.1f} s)")
+    module = entrypoint.split()[2]
+    (cluster["base"] / f"{module}.job.log").write_text(out["logs"])
+    trained = re.findall(r"\[train\] finished in ([\d.]+)s", out["logs"])
+    print(f"\n[cluster-jobs] job {module}: {out['status']} in {out['seconds']} s (submit to finish; cluster up in "
+          f"{cluster['started_s']:.1f} s; Train runs reported in the job log: {trained or 'none'} s)")
     return out
 
 
