@@ -414,6 +414,25 @@ def _from_text(key: str, text: CliText, tp: Any) -> Any:
     return str(text)
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-4`` and ``5e39`` as numbers (YAML 1.2) where YAML 1.1 reads
+    strings (it wants a dot and a signed exponent), so a preset or a search space means what it says."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file through YamlLoader; ConfigError naming the file when it is not valid YAML."""
+    try:
+        with open(path) as f:
+            return yaml.load(f, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
 def preset_path(name_or_path: str) -> Path:
     """A preset name (``f30k``) or a YAML file path."""
     path = Path(name_or_path)
@@ -431,8 +450,7 @@ def load_config(preset: str | None = None, overrides: list[str] | dict[str, Any]
     cfg = Config()
     if preset:
         path = preset_path(preset)
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
         try:

@@ -146,3 +146,10 @@ def test_unreachable_tracking_server_fails_in_seconds_naming_the_uri(capsys, tmp
     err = capsys.readouterr().err
     assert f"tracking.uri={uri}: the MLflow server does not answer" in err
     assert not ray.is_initialized()
+
+
+def test_exponents_without_a_dot_are_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-4 as the string '1e-4'; spaces and presets read it as a number
+    space = load_space(write(tmp_path, "train.lr: {loguniform: [1e-4, 1e-2]}\nmodel.lambda_softmax: {choice: [9, 5e39]}\n"))
+    assert space.dists["train.lr"] == ("loguniform", [1e-4, 1e-2])
+    assert space.dists["model.lambda_softmax"] == ("choice", [9.0, 5e39])

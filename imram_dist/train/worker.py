@@ -252,8 +252,16 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
             lengths = batch.lengths.to(device, non_blocking=True)
             loss = engine(regions, tokens, lengths)
             engine.backward(loss)
-            engine.step()
             local = float(loss.detach()) / world
+            if cfg.train.precision != "fp16" and all_reduce_sum(0.0 if math.isfinite(local) else 1.0, device):
+                # Every rank stops here together (the flag is summed), before the optimizer applies
+                # the step and before any checkpoint of this epoch: no non-finite weights are ever saved.
+                # (fp16 is different: DeepSpeed's loss scaler skips an overflowing step by itself.)
+                raise FloatingPointError(
+                    f"non-finite training loss ({float(loss.detach())}) at epoch {epoch + 1}, step "
+                    f"{i // gas + 1} (global step {state['global_step'] + 1}): stopping this run; its last "
+                    f"checkpoint (if any) holds the weights from before; lower train.lr or check the data")
+            engine.step()
             loss_epoch += local
             loss_win += local
             pairs_epoch += regions.shape[0]

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from imram_dist.config import Config, ConfigError, _coerce, apply_overrides, flat_keys, validate
+from imram_dist.config import Config, ConfigError, _coerce, apply_overrides, flat_keys, read_yaml, validate
 
 SPACES_DIR = Path(__file__).resolve().parent.parent.parent / "tune"
 
@@ -106,10 +106,7 @@ def space_path(name_or_path: str) -> Path:
 def load_space(name_or_path: str) -> SearchSpace:
     """Read and check a space file; ConfigError naming the file and the key otherwise."""
     path = space_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path)
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"{path}: expected a mapping of dotted config keys to distributions")
     keys = flat_keys()
