@@ -222,7 +222,6 @@ def scoring(args) -> None:
 TRAIN_PATHS = {  # name: (autocast dtype or None, kernels, use the per-caption loop)
     "loop fp32": (None, "eager", True),
     "fp32 eager": (None, "eager", False),
-    "fp32 fused": (None, "fused", False),
     "bf16 autocast eager": (torch.bfloat16, "eager", False),
     "bf16 autocast fused": (torch.bfloat16, "fused", False),
 }
@@ -330,6 +329,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="training batch")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--no-train", action="store_true", help="scoring only")
+    ap.add_argument("--no-score", action="store_true", help="training step only")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-path peak-RSS subprocesses")
     ap.add_argument("--_train-memory", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -342,7 +342,8 @@ def main() -> None:
     args.train_rounds = args.train_rounds or (2 if args.quick else 3)
     load0 = os.getloadavg()
     print(f"{machine()}\nload average at start: {load0[0]:.1f} (1 min), {load0[1]:.1f} (5 min)")
-    scoring(args)
+    if not args.no_score:
+        scoring(args)
     if not args.no_train:
         training(args)
     load1 = os.getloadavg()

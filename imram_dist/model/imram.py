@@ -202,11 +202,10 @@ class IMRAM(nn.Module):
         lengths = lengths.to(device)
         c = self.config
         text, image = c.mode in ("full", "text"), c.mode in ("full", "image")
-        mdu_t = tuple(t.to(dtype) for t in scoring.split_mdu(self.gate_t2i, self.linear_t2i)) if text else None
-        mdu_i = tuple(t.to(dtype) for t in scoring.split_mdu(self.gate_i2t, self.linear_i2t)) if image else None
-        p = scoring.prepare(V, W, lengths, text, image, c.steps, mdu_t, mdu_i)
         grad = torch.is_grad_enabled() and (V.requires_grad or W.requires_grad or any(
             q.requires_grad for q in self.parameters()))
+        mdu_t, mdu_i = self._mdu_weights(dtype, device, text, image)
+        p = scoring.prepare(V, W, lengths, text, image, c.steps, mdu_t, mdu_i)
         mean_words = p.offsets[-1] / M
         per_pair = scoring.bytes_per_pair(R, mean_words, L, d, c.steps, text, image,
                                           V.element_size(), grad)
@@ -244,6 +243,16 @@ class IMRAM(nn.Module):
                     cols.append(fn(*args))
             rows.append(cols[0] if len(cols) == 1 else torch.cat(cols, 1))
         return rows[0] if len(rows) == 1 else torch.cat(rows, 0)
+
+    def _mdu_weights(self, dtype: torch.dtype, device: torch.device, text: bool, image: bool):
+        """(W_x, W_c, b) of each direction's MDU in the compute dtype (recomputed per call: ~1 ms per
+        matrix at paper sizes, nothing next to a block; a cache keyed on weight versions would miss
+        DeepSpeed's in-place .data updates)."""
+        mdu_t = tuple(t.to(device, dtype) for t in scoring.split_mdu(self.gate_t2i, self.linear_t2i)) \
+            if text else None
+        mdu_i = tuple(t.to(device, dtype) for t in scoring.split_mdu(self.gate_i2t, self.linear_i2t)) \
+            if image else None
+        return mdu_t, mdu_i
 
     def forward(self, regions: torch.Tensor, tokens: torch.Tensor, lengths) -> torch.Tensor:
         """Encode and score all pairs: [N, M]."""
