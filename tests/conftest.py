@@ -25,38 +25,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The S3 endpoint (moto, started on demand by the s3_endpoint fixture) and dummy credentials are
+# in the environment from the start, so the session's Ray cluster, whose workers inherit the
+# environment it was started with, reaches S3 the way a cluster with an instance role does:
+# credentials from its own environment, never shipped inside a config or a Ray object. The
+# secret is a marker that tests look for in everything a run leaves behind.
+S3_PORT = free_port()
+S3_URL = f"http://127.0.0.1:{S3_PORT}"
+SECRET_MARKER = "imram-test-secret-9f2c41d7"
+os.environ.update(AWS_ENDPOINT_URL=S3_URL, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY=SECRET_MARKER,
+                  AWS_DEFAULT_REGION="us-east-1")
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """A real HTTP S3 endpoint on 127.0.0.1 (moto's server), with dummy credentials in the
-    environment (never real ones). Yields the endpoint URL; create buckets with boto3."""
-    port = free_port()
+    """A real HTTP S3 endpoint on 127.0.0.1 (moto's server) at S3_URL, which the environment
+    already names (with the dummy credentials above). Yields the URL; create buckets with boto3."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while True:
         try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            urllib.request.urlopen(S3_URL + "/moto-api/", timeout=1)
             break
         except Exception:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
                 raise RuntimeError("moto server did not start")
             time.sleep(0.2)
-    saved = {k: os.environ.get(k) for k in
-             ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="testing",
-                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     try:
-        yield url
+        yield S3_URL
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         proc.terminate()
         proc.wait(timeout=10)
 
@@ -129,3 +130,27 @@ def mlflow_server(tmp_path_factory) -> Iterator[tuple[str, str]]:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def assert_no_secret(*roots) -> int:
+    """No file under roots holds SECRET_MARKER; returns how many files were read."""
+    from pathlib import Path
+
+    seen = 0
+    for root in roots:
+        for path in Path(root).rglob("*"):
+            try:
+                if not path.is_file() or path.is_symlink() or path.stat().st_size > 512 * 1024 * 1024:
+                    continue
+                data = path.read_bytes()
+            except OSError:  # sockets, files a live process just removed
+                continue
+            seen += 1
+            assert SECRET_MARKER.encode() not in data, f"the secret is in {path}"
+    return seen
+
+
+def ray_session_dir() -> str:
+    import ray
+
+    return ray._private.worker._global_node.get_session_dir_path()

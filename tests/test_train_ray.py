@@ -95,8 +95,9 @@ def test_cli_s3_zero0(ray_cluster, cache_dir, s3_bucket, tmp_path):
     export = tmp_path / "export" / "best.pt"
     ov = tiny_overrides(cache_dir, f"s3://{s3_bucket}/runs", "cli", **{
         "cluster.address": ray.get_runtime_context().gcs_address, "run.export_path": str(export)})
-    proc = subprocess.run([sys.executable, "-m", "imram_dist.train", "--config", "default", *as_cli(ov)],
-                          capture_output=True, text=True, timeout=400, env=dict(os.environ))
+    proc = subprocess.run([sys.executable, "-m", "imram_dist.train", "--config", "default", *as_cli(ov),
+                           f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
+                          capture_output=True, text=True, timeout=400, env=dict(os.environ), cwd=tmp_path)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
     for e in range(1, 5):
@@ -131,5 +132,5 @@ def test_bad_configs_fail_before_workers(ray_cluster, cache_dir, tmp_path, monke
         assert message in str(e.value), (extra, str(e.value))
     # The CLI prints the message and exits 2 (unknown key: refused while parsing).
     proc = subprocess.run([sys.executable, "-m", "imram_dist.train", "train.nonsense=1"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 2 and "unknown config key 'train.nonsense'" in proc.stderr

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import assert_no_secret, ray_session_dir
 from train_helpers import TINY
 
 pytestmark = pytest.mark.slow
 
-SECRET = "SECRET-MARKER-5f3c9a"
 MODEL = "imram-tune-test"
 # train.lr is the knob that matters: with random_state 1 the three trials draw [5e-3, 1e-7, 1e-7]
 # (Ray's BasicVariantGenerator is deterministic for a seed), so whichever trial reaches epoch 1
@@ -70,7 +70,7 @@ def test_search_asha_mlflow_registry_and_pyfunc(ray_cluster, mlflow_server, cach
     args = ["--space", str(space), "--trials", "3", "--max-concurrent", "2", "--workers-per-trial", "1",
             "--tracking-uri", url, "--experiment", "tune-test", "--name", "search-a", "tune.seed=1",
             *tiny_args(tmp_path, cache)]
-    proc = run_tune(args, tmp_path, env={"AWS_SECRET_ACCESS_KEY": SECRET})
+    proc = run_tune(args, tmp_path)  # AWS_SECRET_ACCESS_KEY holds conftest.SECRET_MARKER
     assert proc.returncode == 0
     out = proc.stdout
 
@@ -159,10 +159,8 @@ def test_search_asha_mlflow_registry_and_pyfunc(ray_cluster, mlflow_server, cach
 
     assert json.loads((tmp_path / "ev.json").read_text())["metrics"]["rsum"] == pytest.approx(test_rsum, abs=1e-3)
 
-    # no credential reached the tracking store or its artifacts
-    for path in Path(server_root).rglob("*"):
-        if path.is_file():
-            assert SECRET.encode() not in path.read_bytes(), path
+    # no credential reached the tracking store, its artifacts, the search's storage or Ray's session folder
+    assert assert_no_secret(server_root, tmp_path / "runs", ray_session_dir()) > 50
 
     # a worse search registers its model but does not take the champion alias
     proc = run_tune(["--space", str(space), "--trials", "1", "--workers-per-trial", "1", "--tracking-uri", url,

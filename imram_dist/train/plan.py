@@ -128,31 +128,32 @@ def resolve_storage(uri: str) -> Storage:
 
 
 def storage_filesystem(uri: str):
-    """pyarrow filesystem for the storage; S3 honours AWS_ENDPOINT_URL (non-AWS S3, e.g. moto)
-    and carries the credentials explicitly so the object pickles to the workers intact."""
+    """pyarrow filesystem for the storage. S3 honours the endpoint rule of the data layer
+    (AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL: non-AWS S3 such as moto) and takes NO credentials:
+    this object is pickled into Ray Train's run state and shipped to every worker, so each process
+    resolves credentials itself, from its own environment or the instance profile / service account
+    (AWS's default chain), and no secret ever travels inside a Ray object."""
     import pyarrow.fs as pafs
+
+    from imram_dist.data.io import s3_endpoint_url
 
     if not uri.startswith("s3://"):
         return pafs.LocalFileSystem()
     kwargs: dict[str, Any] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    endpoint = s3_endpoint_url()
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         if endpoint.startswith("http://"):
             kwargs["scheme"] = "http"
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
-        kwargs["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     kwargs["region"] = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
     return pafs.S3FileSystem(**kwargs)
 
 
-ENV_FORWARD = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "TORCH_EXTENSIONS_DIR")
+# Not secrets: where S3 is and the extension cache. Credentials never travel with a run (see
+# storage_filesystem): workers take them from their own environment or their instance's role.
+ENV_FORWARD = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "TORCH_EXTENSIONS_DIR")
 
 
 def forwarded_env() -> dict[str, str]:
-    """Driver environment the workers need (S3 endpoint/credentials, extension cache)."""
+    """Driver environment the workers need that they may lack (S3 endpoint and region, extension cache)."""
     return {k: os.environ[k] for k in ENV_FORWARD if k in os.environ}
