@@ -116,17 +116,19 @@ def hand_cluster(tmp_path_factory) -> Iterator[dict]:
     per_node_ports = lambda: [f"--dashboard-agent-listen-port={free_port()}",  # noqa: E731
                               f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
     procs: list[subprocess.Popen] = []
+    logs = []
 
     def start(cmd: list[str], log: str) -> subprocess.Popen:
-        p = subprocess.Popen(cmd, env=env, stdout=open(base / log, "w"), stderr=subprocess.STDOUT,
+        logs.append(open(base / log, "w"))
+        p = subprocess.Popen(cmd, env=env, stdout=logs[-1], stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, start_new_session=True)
         procs.append(p)
         return p
 
     t0 = time.monotonic()
     try:
-        mlflow = start(["bash", str(CLUSTER / "start_mlflow.sh"), str(base / "mlflow"), str(base / "mlflow" / "artifacts"),
-                        str(mlflow_port)], "mlflow.log")
+        mlflow = start(["bash", str(CLUSTER / "start_mlflow.sh"), str(base / "mlflow"),
+                        str(base / "mlflow" / "artifacts"), str(mlflow_port)], "mlflow.log")
         # Ray turns a 127.0.0.1 node address into the machine's own IP, so none is given; the
         # dashboard (Jobs API) and MLflow listen on 127.0.0.1.
         head = start(["bash", str(CLUSTER / "start_head.sh"), f"--port={gcs_port}",
@@ -134,13 +136,15 @@ def hand_cluster(tmp_path_factory) -> Iterator[dict]:
                       "--num-cpus=1", f"--temp-dir={ray_tmp[0]}", "--disable-usage-stats", "--block"], "head.log")
         dashboard = f"http://127.0.0.1:{dash_port}"
         _wait_http(f"{dashboard}/api/version", head, "the Ray head's dashboard")
-        start(["bash", str(CLUSTER / "start_worker.sh"), f"127.0.0.1:{gcs_port}", *per_node_ports(), "--num-cpus=1", f"--temp-dir={ray_tmp[1]}", "--disable-usage-stats", "--block"],
-              "worker.log")
+        start(["bash", str(CLUSTER / "start_worker.sh"), f"127.0.0.1:{gcs_port}", *per_node_ports(),
+               "--num-cpus=1", f"--temp-dir={ray_tmp[1]}", "--disable-usage-stats", "--block"], "worker.log")
         _wait_http(f"http://127.0.0.1:{mlflow_port}/health", mlflow, "the MLflow server")
         yield {"dashboard": dashboard, "mlflow": f"http://127.0.0.1:{mlflow_port}", "env": env, "base": base,
                "started_s": time.monotonic() - t0}
     finally:
         _stop(procs)
+        for f in logs:
+            f.close()
         for d in ray_tmp:
             shutil.rmtree(d, ignore_errors=True)
 
