@@ -110,3 +110,35 @@ def test_tracking_server_restart_mid_search_loses_nothing(ray_cluster, cache, tm
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_worker_killed_mid_epoch_resumes_its_trial(ray_cluster, cache, tmp_path):
+    """The fault drill inside a search: each trial's only worker is killed once, in its second
+    epoch; Ray Train restarts it from the trial's epoch-1 checkpoint and the search finishes."""
+    from mlflow.tracking import MlflowClient
+
+    from imram_dist.train.checkpoints import scan_checkpoints
+    from imram_dist.train.plan import resolve_storage
+
+    space = tmp_path / "space.yaml"
+    # 800 pairs / batch 16 = 50 steps an epoch: global step 60 is in epoch 2
+    space.write_text("model.margin: {uniform: [0.1, 0.3]}\ntrain.fail_at_step: 60\ntrain.fail_rank: 0\n")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "imram_dist.tune", "--space", str(space), "--trials", "2", "--max-concurrent", "2",
+         "--workers-per-trial", "1", "--scheduler", "fifo", "--tracking-uri", uri, "--name", "search-kill",
+         "tracking.log_model=false", "run.max_failures=1", *tiny_args(tmp_path, cache, **{"train.lr": 5e-3})],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = MlflowClient(uri)
+    kids = children(client, parent_of(client, "search-kill").info.run_id)
+    assert len(kids) == 2
+    trials = resolve_storage(str(tmp_path / "runs" / "search-kill" / "trials"))
+    for k in kids:
+        assert k.data.tags["imram.status"] == "finished"
+        assert sorted(m.step for m in client.get_metric_history(k.info.run_id, "rsum")) == [1, 2]
+        name = f"trial-{k.data.tags['imram.trial_id']}"
+        state = scan_checkpoints(trials, name)[-1]["state"]
+        assert state["resumed_at"] == [1] and state["epochs_done"] == 2  # restarted once, from epoch 1
+        marker = trials.filesystem().get_file_info(f"{trials.run_path(name)}/fault_drill/step60_rank0.fired")
+        assert marker.size > 0
