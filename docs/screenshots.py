@@ -9,6 +9,7 @@ expanded) and its chart view, and writes runs.png and charts.png. Needs Debian's
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -65,11 +66,19 @@ def main() -> None:
                 time.sleep(0.5)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        # The trials themselves (child runs are folded under their parent otherwise).
-        trials = urllib.parse.quote("tags.`imram.kind` = 'trial'")
-        runs = f"{base}/#/experiments/{exp.experiment_id}/runs?searchFilter={trials}"
-        shoot(browser, runs, out / "mlflow_runs.png")
-        shoot(browser, f"{runs}&compareRunsMode=CHART", out / "mlflow_charts.png")
+        client = MlflowClient(args.uri)
+        search = client.search_runs([exp.experiment_id], filter_string="tags.`imram.kind` = 'search'",
+                                    order_by=["attributes.start_time DESC"], max_results=1)
+        if not search:
+            sys.exit(f"no search in experiment {args.experiment!r}")
+        trials = client.search_runs([exp.experiment_id],
+                                    filter_string=f"tags.`mlflow.parentRunId` = '{search[0].info.run_id}'")
+        ids = urllib.parse.quote(json.dumps([t.info.run_id for t in trials]))
+        shoot(browser, f"{base}/#/experiments/{exp.experiment_id}/runs", out / "mlflow_runs.png")
+        # MLflow's compare page: the trials' params and metrics side by side, parallel coordinates
+        shoot(browser, f"{base}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([exp.experiment_id]))}",
+              out / "mlflow_compare.png", size="1800,2200")
+        shoot(browser, f"{base}/#/experiments/{exp.experiment_id}/runs?compareRunsMode=CHART", out / "mlflow_charts.png")
     finally:
         ui.terminate()
         ui.wait(timeout=20)
