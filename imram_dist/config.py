@@ -433,16 +433,21 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
 
 
-def preset_path(name_or_path: str) -> Path:
-    """A preset name (``f30k``) or a YAML file path."""
+def named_yaml(name_or_path: str, folder: Path, what: str) -> Path:
+    """A YAML file path, or the name of one of the YAML files shipped in folder."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.exists():
         return path
-    candidate = PRESETS_DIR / f"{name_or_path}.yaml"
+    candidate = folder / f"{name_or_path}.yaml"
     if candidate.exists():
         return candidate
-    presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-    raise ConfigError(f"config file {name_or_path!r} not found (presets: {presets})")
+    names = sorted(p.stem for p in folder.glob("*.yaml"))
+    raise ConfigError(f"{what}={name_or_path!r}: no such file, and not one of {names} in {folder}")
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A preset name (``f30k``) or a YAML file path."""
+    return named_yaml(name_or_path, PRESETS_DIR, "--config")
 
 
 def load_config(preset: str | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:

@@ -81,7 +81,7 @@ def test_bad_preset_file_names_file_and_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(str(path))
     assert "bad.yaml" in str(err.value) and "model.lamda" in str(err.value)
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match=r"--config='no_such_preset': no such file, and not one of \[.*'default'"):
         load_config("no_such_preset")
 
 

@@ -90,7 +90,7 @@ def test_sampled_config_that_fails_validation_is_caught(tmp_path):
 
 
 def test_missing_space_lists_the_shipped_ones():
-    with pytest.raises(ConfigError, match=r"tune.space='nope'.*\['coco', 'default', 'f30k'\]"):
+    with pytest.raises(ConfigError, match=r"tune.space='nope': no such file, and not one of \['coco', 'default', 'f30k'\]"):
         load_space("nope")
 
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from imram_dist.config import Config, ConfigError, _coerce, apply_overrides, flat_keys, read_yaml, validate
+from imram_dist.config import Config, ConfigError, _coerce, apply_overrides, flat_keys, named_yaml, read_yaml, validate
 
 SPACES_DIR = Path(__file__).resolve().parent.parent.parent / "tune"
 
@@ -93,14 +93,7 @@ def _quantise(value: float, q: float | None) -> float:
 
 def space_path(name_or_path: str) -> Path:
     """A space name in tune/ (``default``) or a YAML file path."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return path
-    candidate = SPACES_DIR / f"{name_or_path}.yaml"
-    if candidate.exists():
-        return candidate
-    names = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
-    raise ConfigError(f"tune.space={name_or_path!r}: no such file, and not a space in {SPACES_DIR} ({names})")
+    return named_yaml(name_or_path, SPACES_DIR, "tune.space")
 
 
 def load_space(name_or_path: str) -> SearchSpace:
