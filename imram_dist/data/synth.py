@@ -31,7 +31,7 @@ import tempfile
 
 import numpy as np
 
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, unique_tmp_path
 from .shards import Manifest, ShardWriter, SplitInfo, ShardInfo, read_manifest, write_manifest, MANIFEST
 from .tokenize import build_vocab
 
@@ -257,7 +257,7 @@ def ensure_synthetic(cache_dir: str, synth) -> str:
             os.rename(tmp, root)
         except OSError:
             if not _matches(root, synth):  # a stale or broken folder: replace it
-                stale = root + f".stale-{os.getpid()}"
+                stale = unique_tmp_path(root + ".stale")  # unique per call: threads of one process too
                 os.rename(root, stale)
                 shutil.rmtree(stale, ignore_errors=True)
                 os.rename(tmp, root)
