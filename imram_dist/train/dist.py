@@ -7,8 +7,8 @@ It scores I_r x C_all (rows: its images are queries over every caption) and I_al
 (columns: its captions are queries over every image); the I_r x C_r block is shared, so the
 rank pays |I_r| x N + (N - |I_r|) x |C_r| pair scores instead of N x N.
 
-Gradients: `gather_with_grad`'s backward all-reduces (sums) the gradient of the gathered
-tensor and returns this rank's slice, so each rank's encoder receives d(sum of all ranks'
+Gradients: `gather_with_grad` is torch.distributed.nn's all_gather, whose backward sums over
+ranks the gradient of each rank's slice of the gathered tensor, so each rank's encoder receives d(sum of all ranks'
 losses)/d(its embeddings). Each rank's parameter gradient is then its share of the gradient
 of the global loss, and the sum over ranks is the full gradient. DeepSpeed (like DDP)
 AVERAGES gradients over ranks, so the loss handed to backward is multiplied by the world size
@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
@@ -29,25 +30,6 @@ def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather of equally shaped tensors -> [world, ...]; backward: all-reduce SUM, own slice."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        rank, world = _world()
-        ctx.rank = rank
-        x = x.contiguous()
-        out = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(out, x)
-        return torch.stack(out)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank]
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
@@ -68,9 +50,10 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     for d in reversed(range(x.dim())):
         pad += [0, maxs[d] - x.shape[d]]
     xp = F.pad(x, pad) if any(pad) else x
-    g = _GatherWithGrad.apply(xp)
+    # torch's differentiable all_gather: backward sums each rank's slice of the gradient over ranks
+    g = dist_nn.all_gather(xp.contiguous())
     sizes = [s[0] for s in shapes_l]
-    return torch.cat([g[r, : sizes[r]] for r in range(world)], dim=0), sizes
+    return torch.cat([g[r][: sizes[r]] for r in range(world)], dim=0), sizes
 
 
 def gather_nograd(x: torch.Tensor) -> torch.Tensor:
