@@ -113,8 +113,9 @@ def test_tracking_server_restart_mid_search_loses_nothing(ray_cluster, cache, tm
 
 
 def test_a_worker_killed_mid_epoch_resumes_its_trial(ray_cluster, cache, tmp_path):
-    """The fault drill inside a search: each trial's only worker is killed once, in its second
-    epoch; Ray Train restarts it from the trial's epoch-1 checkpoint and the search finishes."""
+    """The fault drill inside a search (Optuna's TPE choosing the trials): each trial's only worker
+    is killed once, in its second epoch; Ray Train restarts it from the trial's epoch-1 checkpoint
+    and the search finishes."""
     from mlflow.tracking import MlflowClient
 
     from imram_dist.train.checkpoints import scan_checkpoints
@@ -126,7 +127,8 @@ def test_a_worker_killed_mid_epoch_resumes_its_trial(ray_cluster, cache, tmp_pat
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc = subprocess.run(
         [sys.executable, "-m", "imram_dist.tune", "--space", str(space), "--trials", "2", "--max-concurrent", "2",
-         "--workers-per-trial", "1", "--scheduler", "fifo", "--tracking-uri", uri, "--name", "search-kill",
+         "--workers-per-trial", "1", "--scheduler", "fifo", "--search", "optuna", "--tracking-uri", uri,
+         "--name", "search-kill",
          "tracking.log_model=false", "run.max_failures=1", *tiny_args(tmp_path, cache, **{"train.lr": 5e-3})],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -58,7 +58,10 @@ def test_ray_param_space_has_the_distributions():
 def test_plain_values_fix_a_key(tmp_path):
     space = load_space(write(tmp_path, "train.epochs: 2\nmodel.margin: {uniform: [0.1, 0.2]}\n"))
     assert space.fixed == {"train.epochs": 2} and space.searched_keys == ["model.margin"]
-    assert space.to_ray()["train.epochs"] == 2
+    assert "train.epochs" not in space.to_ray()  # searchers such as Optuna drop constants: the base config holds them
+    cfg = load_config("default")
+    space.apply_fixed(cfg)
+    assert cfg.train.epochs == 2
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -153,3 +156,22 @@ def test_exponents_without_a_dot_are_numbers(tmp_path):
     space = load_space(write(tmp_path, "train.lr: {loguniform: [1e-4, 1e-2]}\nmodel.lambda_softmax: {choice: [9, 5e39]}\n"))
     assert space.dists["train.lr"] == ("loguniform", [1e-4, 1e-2])
     assert space.dists["model.lambda_softmax"] == ("choice", [9.0, 5e39])
+
+
+def test_optuna_searcher_suggests_configs_of_the_space():
+    from imram_dist.tune.search import _searcher
+
+    cfg = load_config(default_preset(), {"tune.search": "optuna", "tune.seed": 3})
+    space = load_space("default")
+    searcher = _searcher(cfg, n_concurrent=2)
+    assert type(searcher).__name__ == "ConcurrencyLimiter"
+    assert searcher.set_search_properties("rsum", "max", space.to_ray())
+    base = to_dict(cfg)
+    for i in range(4):
+        params = searcher.suggest(f"t{i}") if i < 2 else None
+        if params is None:  # the limiter holds two at once
+            break
+        trial = trial_config(base, params)
+        assert 0.05 <= trial.model.margin <= 0.5 and trial.model.steps in (1, 2, 3)
+        assert 3e-4 <= trial.train.lr <= 1e-2 and trial.model.mode in ("full", "text", "image")
+    assert searcher.suggest("t-over-the-limit") is None

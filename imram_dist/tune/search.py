@@ -150,6 +150,7 @@ def search(cfg: Config, log: Callable[[str], None] = print) -> SearchOutcome:
         cfg.tune.resume = True
 
     space = load_space(cfg.tune.space)
+    space.apply_fixed(cfg)  # plain values of the space are part of every trial's base config
     check_static(cfg)
     tracking = None
     if cfg.tracking.enabled:

@@ -55,12 +55,19 @@ class SearchSpace:
         return list(self.dists)
 
     def to_ray(self) -> dict[str, Any]:
+        """The distributions only: fixed values belong in the base config (apply_fixed), since
+        searchers such as Optuna drop constants from the configs they suggest."""
         from ray import tune
 
-        space: dict[str, Any] = dict(self.fixed)
+        space: dict[str, Any] = {}
         for key, (name, args) in self.dists.items():
             space[key] = getattr(tune, name)(args) if name == "choice" else getattr(tune, name)(*args)
         return space
+
+    def apply_fixed(self, cfg: Config) -> None:
+        """Set the space's plain values in cfg (in place, type-checked)."""
+        apply_overrides(cfg, self.fixed)
+        validate(cfg)
 
     def sample(self, rng: Any) -> dict[str, Any]:
         """One configuration drawn with numpy's Generator ``rng`` (for checks; trials use Ray's)."""
