@@ -61,6 +61,9 @@ class ModelConfig:
     each chunk is recomputed in backward (activation checkpointing) so training memory stays near it."""
     compile_scoring: bool = False
     """torch.compile the pair-scoring core (fuses the elementwise passes; costs a compile on first use)."""
+    kernels: Literal["auto", "eager", "fused"] = "auto"
+    """Elementwise kernels of pair scoring: eager (the reference), fused (compiled memory update), or auto
+    (fused for bf16/fp16 and CUDA where a compiler is available, eager for CPU fp32)."""
 
 
 @dataclass

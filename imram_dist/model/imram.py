@@ -61,11 +61,11 @@ class IMRAM(nn.Module):
 
     ``kernels`` picks the elementwise kernels of pair scoring (imram_dist.model.kernels): "eager"
     (the reference), "fused" (torch.compile'd), or "auto" (fused where it was measured faster for
-    the device and compute dtype). It is a plain attribute (not in the state dict): set
-    ``model.kernels`` to change it.
+    the device and compute dtype); by default the config's ``kernels`` (the ``model.kernels`` key).
+    It is a plain attribute (not in the state dict): set ``model.kernels`` to change it.
     """
 
-    def __init__(self, config: ModelConfig, kernels: str = "auto") -> None:
+    def __init__(self, config: ModelConfig, kernels: str | None = None) -> None:
         super().__init__()
         _check_config(config)
         self.config = config
@@ -78,6 +78,7 @@ class IMRAM(nn.Module):
         self.gate_i2t = nn.Linear(2 * d, d)
         self._block = scoring.score_block
         self._compiled_block = None  # built on first no-grad use when config.compile_scoring
+        kernels = getattr(config, "kernels", "auto") if kernels is None else kernels
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels: expected one of {list(KERNEL_CHOICES)}, got {kernels!r}")
         self.kernels = kernels
