@@ -1,6 +1,6 @@
 """Screenshots of the MLflow UI for a real search, as a user sees it (headless Chromium).
 
-    python docs/screenshots.py sqlite:////path/to/mlflow.db [--experiment imram] [--out docs/img]
+    python docs/screenshots.py sqlite:////path/to/mlflow.db [--experiment imram] [--search NAME] [--out docs/img]
 
 Starts `mlflow ui` on 127.0.0.1 for that store, opens the experiment's runs table (child runs
 expanded) and its chart view, and writes runs.png and charts.png. Needs Debian's `chromium`
@@ -38,6 +38,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("uri")
     p.add_argument("--experiment", default="imram")
+    p.add_argument("--search", default="", help="the search (tune.name) to show; default: the newest")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "img"))
     args = p.parse_args()
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -67,7 +68,8 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         client = MlflowClient(args.uri)
-        search = client.search_runs([exp.experiment_id], filter_string="tags.`imram.kind` = 'search'",
+        which = f" and attributes.run_name = '{args.search}'" if args.search else ""
+        search = client.search_runs([exp.experiment_id], filter_string=f"tags.`imram.kind` = 'search'{which}",
                                     order_by=["attributes.start_time DESC"], max_results=1)
         if not search:
             sys.exit(f"no search in experiment {args.experiment!r}")
