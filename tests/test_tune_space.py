@@ -119,6 +119,16 @@ def test_gpu_flag_turns_gpu_training_on():
     assert gpu_flag(["--gpus-per-worker=0"]) == ["cluster.use_gpu=false"]
 
 
+def no_ray(monkeypatch) -> None:
+    """Fail the test if the command gets as far as joining or starting Ray."""
+    from imram_dist.train import driver
+
+    def refuse(*a, **k):
+        raise AssertionError("Ray was started before the bad input was caught")
+
+    monkeypatch.setattr(driver, "ensure_ray", refuse)
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--trials", "0"], "tune.trials: expected at least 1, got 0"),
     (["--trials", "many"], "tune.trials: expected an integer, got 'many'"),
@@ -128,27 +138,23 @@ def test_gpu_flag_turns_gpu_training_on():
     (["--max-concurrent"], "--max-concurrent needs a value (it sets tune.max_concurrent)"),
 ])
 def test_cli_errors_before_any_trial(argv, expected, capsys, tmp_path, monkeypatch):
-    import ray
-
     monkeypatch.chdir(tmp_path)
+    no_ray(monkeypatch)
     assert main(argv + [f"run.storage={tmp_path}/runs"]) == 2
     assert expected in capsys.readouterr().err
-    assert not ray.is_initialized()
 
 
 def test_unreachable_tracking_server_fails_in_seconds_naming_the_uri(capsys, tmp_path, monkeypatch):
-    import ray
-
     from conftest import free_port
 
     monkeypatch.chdir(tmp_path)
+    no_ray(monkeypatch)
     uri = f"http://127.0.0.1:{free_port()}"
     t0 = time.perf_counter()
     assert main(["--tracking-uri", uri, f"run.storage={tmp_path}/runs"]) == 2
     assert time.perf_counter() - t0 < 15
     err = capsys.readouterr().err
     assert f"tracking.uri={uri}: the MLflow server does not answer" in err
-    assert not ray.is_initialized()
 
 
 def test_exponents_without_a_dot_are_numbers(tmp_path):

@@ -212,8 +212,12 @@ class SearchTracker(Callback):
     def _artifacts(self, trial: Any, ref: RunRef) -> None:
         from imram_dist.tracking.plots import curves_png
 
-        history = trial_history(self.trials_storage, trial.trial_id)
-        for epoch in history:  # the checkpoint's record fills any epoch MLflow missed (already logged: skipped)
+        # The checkpoint's record fills any epoch MLflow missed (already logged: skipped), up to the
+        # epoch Tune saw last: a trial that ASHA stops may have checkpointed one more epoch before its
+        # actor was gone, and the run should say what the scheduler decided on.
+        seen = int((trial.last_result or {}).get("epoch", 0))
+        history = [e for e in trial_history(self.trials_storage, trial.trial_id) if int(e["epoch"]) <= seen]
+        for epoch in history:
             self.writer.metrics(ref, {k: epoch[k] for k in EPOCH_METRICS if k in epoch}, step=int(epoch["epoch"]))
         if history:
             self.writer.image(ref, curves_png(history, f"trial {trial.trial_id}"), "curves.png")
