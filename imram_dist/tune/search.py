@@ -189,6 +189,7 @@ def search(cfg: Config, log: Callable[[str], None] = print) -> SearchOutcome:
                  "created": time.time(), "base": base}
         _write_state(fs, state_path, state)
 
+    _keep_credentials_out_of_runtime_envs()
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, root=root, trials_storage=trials_storage),
         {cfg.tune.driver_resource: DRIVER_SHARE})
@@ -231,6 +232,19 @@ def search(cfg: Config, log: Callable[[str], None] = print) -> SearchOutcome:
     outcome.seconds = time.perf_counter() - t0
     log(format_table(outcome, space, cfg))
     return outcome
+
+
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def _keep_credentials_out_of_runtime_envs() -> None:
+    """Ray Tune copies the driver's AWS credential variables into every trainable's runtime_env
+    (ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE), which Ray keeps in its state and writes
+    to runtime_env_agent.log. Trial drivers do not need them: on a local Ray they inherit the
+    environment Ray was started with, on a cluster they use the node's role. Stop that copy."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(SECRET_ENV)
 
 
 def table_rows(results: Any, space: SearchSpace, cfg: Config) -> list[TrialRow]:
