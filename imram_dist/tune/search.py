@@ -157,7 +157,7 @@ def search(cfg: Config, log: Callable[[str], None] = print) -> SearchOutcome:
         from imram_dist.tracking import connect
 
         tracking = connect(cfg.tracking.uri, cfg.tracking.experiment)  # fails in seconds, naming the URI
-    root, manifest, vocab = prepare_data(cfg)  # the synthetic corpus is generated here, once
+    root, manifest, _ = prepare_data(cfg)  # the synthetic corpus is generated here, once
     base = to_dict(cfg)
     check_samples(space, base, seed=cfg.tune.seed)
 
