@@ -134,11 +134,15 @@ def test_search_asha_mlflow_registry_and_pyfunc(ray_cluster, mlflow_server, cach
     from imram_dist.data import load_eval_split, read_manifest
     from imram_dist.model import load_inference_checkpoint
 
-    os.environ["MLFLOW_TRACKING_URI"] = url
+    # explicit URIs: an earlier test in the session may have set another store process-wide
+    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(url)
+    mlflow.set_registry_uri(url)
     try:
         scorer = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     finally:
-        os.environ.pop("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])
     root = str(next(cache.glob("synth-*")))
     split = load_eval_split(root, "dev")
     regions = np.asarray(split.regions[:6], dtype=np.float32)
@@ -157,7 +161,8 @@ def test_search_asha_mlflow_registry_and_pyfunc(ray_cluster, mlflow_server, cach
     # python -m imram_dist.evaluate --model models:/NAME@champion keeps working
     ev = subprocess.run([sys.executable, "-m", "imram_dist.evaluate", "--model", f"models:/{MODEL}@champion",
                          "--data", root, "--split", "dev", "--json", str(tmp_path / "ev.json")],
-                        capture_output=True, text=True, env=dict(os.environ, MLFLOW_TRACKING_URI=url), timeout=300)
+                        capture_output=True, text=True, env=dict(os.environ, MLFLOW_TRACKING_URI=url, MLFLOW_REGISTRY_URI=url),
+                        timeout=300)
     assert ev.returncode == 0, ev.stderr[-3000:]
     import json
 
