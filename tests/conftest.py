@@ -37,6 +37,32 @@ os.environ.update(AWS_ENDPOINT_URL=S3_URL, AWS_ACCESS_KEY_ID="testing", AWS_SECR
                   AWS_DEFAULT_REGION="us-east-1")
 
 
+@pytest.fixture(autouse=True)
+def isolated_mlflow_uris() -> Iterator[None]:
+    """mlflow.set_tracking_uri / set_registry_uri change module globals and also export
+    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, which every later subprocess inherits: without
+    this one test's store would become the next test's default."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    env = {k: os.environ.get(k) for k in names}
+    loaded = "mlflow" in sys.modules
+    if loaded:
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        uris = tracking_utils._tracking_uri, registry_utils._registry_uri
+    yield
+    if loaded or "mlflow" in sys.modules:
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        tracking_utils._tracking_uri, registry_utils._registry_uri = uris if loaded else (None, None)
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real HTTP S3 endpoint on 127.0.0.1 (moto's server) at S3_URL, which the environment

@@ -134,15 +134,8 @@ def test_search_asha_mlflow_registry_and_pyfunc(ray_cluster, mlflow_server, cach
     from imram_dist.data import load_eval_split, read_manifest
     from imram_dist.model import load_inference_checkpoint
 
-    # explicit URIs: an earlier test in the session may have set another store process-wide
-    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(url)
-    mlflow.set_registry_uri(url)
-    try:
-        scorer = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
-    finally:
-        mlflow.set_tracking_uri(saved[0])
-        mlflow.set_registry_uri(saved[1])
+    mlflow.set_tracking_uri(url)  # undone after the test by conftest's isolated_mlflow_uris
+    scorer = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     root = str(next(cache.glob("synth-*")))
     split = load_eval_split(root, "dev")
     regions = np.asarray(split.regions[:6], dtype=np.float32)
@@ -161,7 +154,7 @@ def test_search_asha_mlflow_registry_and_pyfunc(ray_cluster, mlflow_server, cach
     # python -m imram_dist.evaluate --model models:/NAME@champion keeps working
     ev = subprocess.run([sys.executable, "-m", "imram_dist.evaluate", "--model", f"models:/{MODEL}@champion",
                          "--data", root, "--split", "dev", "--json", str(tmp_path / "ev.json")],
-                        capture_output=True, text=True, env=dict(os.environ, MLFLOW_TRACKING_URI=url, MLFLOW_REGISTRY_URI=url),
+                        capture_output=True, text=True, env=dict(os.environ, MLFLOW_TRACKING_URI=url),
                         timeout=300)
     assert ev.returncode == 0, ev.stderr[-3000:]
     import json
@@ -171,11 +164,15 @@ def test_search_asha_mlflow_registry_and_pyfunc(ray_cluster, mlflow_server, cach
     # no credential reached the tracking store, its artifacts, the search's storage or Ray's session folder
     assert assert_no_secret(server_root, tmp_path / "runs", ray_session_dir()) > 50
 
-    # a worse search registers its model but does not take the champion alias
+    # a worse search registers its model but does not take the champion alias; the registry is
+    # the tracking store's, even with another registry named in the shell (mlflow's default)
+    stray = tmp_path / "stray-registry.db"
     proc = run_tune(["--space", str(space), "--trials", "1", "--workers-per-trial", "1", "--tracking-uri", url,
                      "--experiment", "tune-test", "--name", "search-b", "--scheduler", "fifo",
-                     *tiny_args(tmp_path, cache, **{"train.lr": FROZEN, "train.epochs": 1})], tmp_path)
+                     *tiny_args(tmp_path, cache, **{"train.lr": FROZEN, "train.epochs": 1})], tmp_path,
+                    env={"MLFLOW_REGISTRY_URI": f"sqlite:///{stray}"})
     assert proc.returncode == 0
+    assert not stray.exists()
     assert "does not beat the champion version 1" in proc.stdout
     assert client.get_model_version_by_alias(MODEL, "champion").version == version.version
     versions = client.search_model_versions(f"name='{MODEL}'")

@@ -24,14 +24,17 @@ def register_and_promote(client: Any, name: str, model_uri: str, run_id: str, ta
     """Register model_uri under name with tags (they must include dataset, protocol and
     test_rsum); give it the alias if it beats the alias holder there, never take it from a
     better model."""
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="IMRAM image-text retrieval models (imram-dist)")
-    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()}).version
+    # through the given client, not mlflow.register_model: that one writes to the process-wide
+    # registry URI, which MLFLOW_REGISTRY_URI in the environment can point at another store
+    logged_model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    version = client.create_model_version(name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
+                                          model_id=logged_model_id).version
     new_rsum = float(tags["test_rsum"])
     try:
         holder = client.get_model_version_by_alias(name, alias)

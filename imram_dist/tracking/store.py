@@ -80,8 +80,11 @@ def connect(uri: str, experiment: str) -> tuple[str, str]:
         os.environ.setdefault(k, v)
     uri = resolve_uri(uri)
     check_reachable(uri)
+    # mlflow.pyfunc.log_model goes through the process-wide URIs; the registry is the tracking
+    # store's own (a stray MLFLOW_REGISTRY_URI from the shell must not send models elsewhere)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     try:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:

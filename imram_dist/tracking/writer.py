@@ -47,7 +47,8 @@ class RunWriter:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(uri)
+        # the registry lives in the tracking store: a stray MLFLOW_REGISTRY_URI must not redirect it
+        self.client = MlflowClient(uri, registry_uri=uri)
         self._ops: deque[tuple[RunRef | None, str, Callable[[RunRef | None], None]]] = deque()
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._down_since: float | None = None
