@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import re
 import dataclasses
+import importlib.resources
 import inspect
 import textwrap
 import types
@@ -22,7 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# the repository's configs/, installed as the data package imram_dist.presets (pyproject.toml)
+PRESETS_DIR = Path(str(importlib.resources.files("imram_dist.presets")))
 DEFAULT_PRESET = "default"
 
 

@@ -15,6 +15,7 @@ any trial starts, with the file and the key in the message.
 from __future__ import annotations
 
 import difflib
+import importlib.resources
 import math
 import typing
 from pathlib import Path
@@ -24,7 +25,8 @@ import yaml
 
 from imram_dist.config import Config, ConfigError, _coerce, apply_overrides, flat_keys, named_yaml, read_yaml, validate
 
-SPACES_DIR = Path(__file__).resolve().parent.parent.parent / "tune"
+# the repository's tune/, installed as the data package imram_dist.spaces (pyproject.toml)
+SPACES_DIR = Path(str(importlib.resources.files("imram_dist.spaces")))
 
 # name -> (number of arguments, what the arguments are)
 DISTRIBUTIONS: dict[str, tuple[int | None, str]] = {

@@ -1,0 +1,1 @@
+"""The presets shipped with imram-dist (``--config NAME``); installed as ``imram_dist.presets``."""
