@@ -172,7 +172,8 @@ def main() -> None:
                  "dtype": args.dtype, "torch": torch.__version__,
                  "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                  "blocks": [cfg.block_images, cfg.block_captions], "runs": []}
-    print(f"{out['sizes']}; {out['device']} {out['dtype']}; torch {out['torch']}; {out['threads']} torch threads, {out['cpus']} CPUs; blocks {out['blocks']}")
+    print(f"{out['sizes']}; {out['device']} {out['dtype']}; torch {out['torch']}; "
+          f"{out['threads']} torch threads, {out['cpus']} CPUs; blocks {out['blocks']}")
     for w in workers:
         r = throughput(model, n, w, cfg)
         out["runs"].append(r)

@@ -20,7 +20,6 @@ import statistics
 import sys
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +29,7 @@ KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
 
 def main() -> None:
-    from imram_dist.config import EvalConfig, from_dict, load_config
+    from imram_dist.config import from_dict, load_config
     from imram_dist.data import resolve_root
     from imram_dist.evaluate import evaluate_split
     from imram_dist.evaluate.cli import checkpoint_vocab, load_split

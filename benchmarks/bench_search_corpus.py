@@ -140,7 +140,8 @@ def run_trial(preset: str, base: list[str], overrides: dict[str, object], label:
         history.append(float(res.metrics["rsum"]))
         print(f"  [{label}] epoch {epoch + 1}/{cfg.train.epochs}: loss {loss_sum / max(pairs.num_batches, 1):.3f} "
               f"dev rsum {res.metrics['rsum']:.1f} (i2t R@1 {res.metrics['i2t_r1']:.1f}, "
-              f"t2i R@1 {res.metrics['t2i_r1']:.1f}, twin {twin_hist[-1]:.1f}%) [train {t1 - t0:.1f}s eval {t2 - t1:.1f}s, cpu {time.process_time() - cpu0:.1f}s]", flush=True)
+              f"t2i R@1 {res.metrics['t2i_r1']:.1f}, twin {twin_hist[-1]:.1f}%) "
+              f"[train {t1 - t0:.1f}s eval {t2 - t1:.1f}s, cpu {time.process_time() - cpu0:.1f}s]", flush=True)
     return {"label": label, "history": history, "final": history[-1], "best": max(history),
             "cpu_s": time.process_time() - cpu0, "twin": twin_hist[-1],
             "train_s": t_train, "eval_s": t_eval, "steps": pairs.num_batches, "dev": (dev.num_images, dev.num_captions)}
@@ -203,7 +204,7 @@ def main() -> None:
     if "configs" in studies:
         results["configs"] = ([preset_row] + [r for (st, _, _), r in zip(planned, done) if st in ("k", "configs")])
 
-    print(f"\n=== summary (dev rsum of 600; final epoch / best epoch; per-epoch history) ===")
+    print("\n=== summary (dev rsum of 600; final epoch / best epoch; per-epoch history) ===")
     for name, rows in results.items():
         print(f"-- {name}")
         for r in rows:

@@ -135,7 +135,7 @@ def main():
     print(f"\nsame budget: {args.epochs} epochs x {results['pooled'][1] // args.epochs} steps of {args.batch} pairs, "
           f"Adam lr {args.lr}, d={args.embed}; IMRAM {args.mode} K={args.steps_k}")
     print(f"{'model':10s} {'i2t R@1':>8s} {'t2i R@1':>8s} {'twin acc':>9s} {'train s':>8s}")
-    for name, (r, steps, secs) in results.items():
+    for name, (r, _steps, secs) in results.items():
         print(f"{name:10s} {r[0]:8.1f} {r[1]:8.1f} {r[2]:8.1f}% {secs:8.0f}")
 
 

@@ -52,9 +52,9 @@ def plain_loop(cfg_dict, root, warmup, steps):
     model = IMRAM(cfg.model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     times = []
-    for i, (r, t, l) in enumerate(batches):
+    for i, (r, t, lengths) in enumerate(batches):
         t0 = time.perf_counter()
-        loss = hinge_loss(model(r, t, l), cfg.model.margin, cfg.model.max_violation)
+        loss = hinge_loss(model(r, t, lengths), cfg.model.margin, cfg.model.max_violation)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -85,18 +85,18 @@ def ds_loop(c):
     opt = torch.optim.Adam(net.parameters(), lr=cfg.train.lr)
     engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=deepspeed_config(cfg, world, False))
     times = []
-    for i, (r, t, l) in enumerate(batches):
+    for i, (r, t, lengths) in enumerate(batches):
         t0 = time.perf_counter()
-        loss = engine(r, t, l)
+        loss = engine(r, t, lengths)
         engine.backward(loss)
         engine.step()
         if i >= c["warmup"]:
             times.append(time.perf_counter() - t0)
     res = {"rank": rank, "step_s": sum(times) / len(times),
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    import torch.distributed as dist
-
     import tempfile
+
+    import torch.distributed as dist
 
     allres = [None] * world
     dist.all_gather_object(allres, res)

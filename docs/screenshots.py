@@ -29,7 +29,8 @@ def free_port() -> int:
 
 def shoot(browser: str, url: str, out: Path, size: str = "1800,1100") -> None:
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--window-size={size}", "--virtual-time-budget=60000", "--run-all-compositor-stages-before-draw", f"--screenshot={out}", url],
+                    f"--window-size={size}", "--virtual-time-budget=60000", "--run-all-compositor-stages-before-draw",
+                    f"--screenshot={out}", url],
                    check=True, capture_output=True, timeout=180)
     print(f"wrote {out}")
 

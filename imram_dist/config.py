@@ -10,10 +10,10 @@ prints them.
 from __future__ import annotations
 
 import ast
-import re
 import dataclasses
 import importlib.resources
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -193,7 +193,8 @@ class RunConfig:
     keep_checkpoints: int = 2
     """Checkpoints kept, ranked by dev rsum."""
     export_path: str = ""
-    """Consolidated fp32 inference checkpoint of the best epoch; empty: <storage>/<name>/model_best.pt (for s3 storage: ./exports/<name>/model_best.pt, also uploaded there)."""
+    """Consolidated fp32 inference checkpoint of the best epoch; empty: <storage>/<name>/model_best.pt
+    (for s3 storage: ./exports/<name>/model_best.pt, also uploaded there)."""
 
 
 @dataclass
@@ -317,7 +318,7 @@ def field_docs(cls: type) -> dict[str, str]:
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                 and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
                 and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = nxt.value.value.strip()
+            docs[node.target.id] = " ".join(nxt.value.value.split())  # a docstring may wrap
     return docs
 
 

@@ -79,7 +79,7 @@ def s3_endpoint() -> Iterator[str]:
         except Exception:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise RuntimeError("moto server did not start")
+                raise RuntimeError("moto server did not start") from None
             time.sleep(0.2)
     try:
         yield S3_URL
@@ -139,7 +139,7 @@ def start_mlflow_server(root, port: int | None = None) -> tuple[subprocess.Popen
         except Exception:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise RuntimeError(f"mlflow server did not start; see {root}/server.log")
+                raise RuntimeError(f"mlflow server did not start; see {root}/server.log") from None
             time.sleep(0.5)
 
 

@@ -16,11 +16,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_cluster_configs import (
+    check_image,
+    credential_hits,
+    normalized,
+    pinned_deps,
+    pinned_ray_version,
+    pip_requirements,
+    pyproject,
+)
 
 from imram_dist.config import Config
-from test_cluster_configs import (
-    check_image, credential_hits, normalized, pinned_deps, pinned_ray_version, pip_requirements, pyproject,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 KUBERAY = REPO / "cluster" / "kuberay"

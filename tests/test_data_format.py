@@ -11,14 +11,21 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from data_helpers import make_precomp, tiny_synth_cfg
 
-from imram_dist.data import (DataError, Vocabulary, ensure_synthetic, generate_synthetic, iter_shard,
-                             load_eval_split, read_manifest, tokenize)
+from imram_dist.data import (
+    DataError,
+    Vocabulary,
+    ensure_synthetic,
+    generate_synthetic,
+    iter_shard,
+    load_eval_split,
+    read_manifest,
+    tokenize,
+)
 from imram_dist.data.__main__ import main as cli
 from imram_dist.data.convert import convert_precomp
 from imram_dist.data.shards import ShardWriter
-from data_helpers import make_precomp, tiny_synth_cfg
-
 
 # --- tokeniser and vocabulary -----------------------------------------------------------
 

@@ -12,15 +12,14 @@ import boto3
 import numpy as np
 import pytest
 import torch
+from data_helpers import make_precomp, tiny_synth_cfg
 
-from imram_dist.data import (DataError, TrainPairs, generate_synthetic, iter_shard, load_eval_split,
-                             read_manifest)
+from imram_dist.data import DataError, TrainPairs, generate_synthetic, iter_shard, load_eval_split, read_manifest
 from imram_dist.data.__main__ import main as cli
 from imram_dist.data.convert import convert_precomp
 from imram_dist.data.loader import split_shards
 from imram_dist.data.shards import Manifest, ShardInfo, ShardWriter, SplitInfo, write_manifest
 from imram_dist.data.tokenize import Vocabulary
-from data_helpers import make_precomp, tiny_synth_cfg
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +46,7 @@ def test_batches_equal_counts_distinct_images(synth_root):
         runs = epoch_batches(synth_root, batch_size=8, world_size=ws, seed=1, shuffle_buffer=50)
         nb = runs[0][0].num_batches
         assert nb == 350 // (ws * 8)
-        for r, (tp, batches) in runs.items():
+        for tp, batches in runs.values():
             assert tp.num_batches == nb and len(batches) == nb
             for b in batches:
                 assert b.regions.shape == (8, 8, 16) and b.regions.dtype == torch.float32

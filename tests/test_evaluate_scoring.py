@@ -11,7 +11,13 @@ import torch
 
 from imram_dist.config import EvalConfig, ModelConfig
 from imram_dist.evaluate import (
-    EvalError, encode_captions, encode_images, evaluate_split, image_rows, retrieval_metrics, score_matrix,
+    EvalError,
+    encode_captions,
+    encode_images,
+    evaluate_split,
+    image_rows,
+    retrieval_metrics,
+    score_matrix,
 )
 
 

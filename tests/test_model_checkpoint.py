@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
+import imram_oracle as oracle
 import pytest
 import torch
 
-import imram_oracle as oracle
 from imram_dist.config import ModelConfig
 from imram_dist.model import (
     IMRAM,

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import copy
 
+import imram_oracle as oracle
 import pytest
 import torch
 
-import imram_oracle as oracle
 from imram_dist.config import ModelConfig
 from imram_dist.model import IMRAM, hinge_loss, kernels
 

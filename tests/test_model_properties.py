@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import imram_oracle as oracle
 import pytest
 import torch
 
-import imram_oracle as oracle
 from imram_dist.config import ModelConfig
 from imram_dist.model import IMRAM, directional_hinge_loss, hinge_loss
 

@@ -11,12 +11,11 @@ import os
 
 import numpy as np
 import pytest
+from data_helpers import tiny_synth_cfg
 
 from imram_dist.config import SynthConfig, load_config
 from imram_dist.data import ensure_synthetic, generate_synthetic, iter_shard, read_manifest, tokenize
 from imram_dist.data.synth import ATTRIBUTES, World, config_hash, generate_split
-
-from data_helpers import tiny_synth_cfg
 
 # sha256 of every file of generate_synthetic(tiny_synth_cfg()) made by the generator before
 # SynthConfig.binding existed (commit a221a22): the default must keep producing these bytes.
@@ -116,7 +115,7 @@ def test_attribute_is_bound_only_through_the_key():
     key) is a different feature, so no region by itself says which object is, e.g., red."""
     cfg = SynthConfig(binding="key", noise=0.0, train_images=400)
     world = World(cfg)
-    own, other, same_att_other_key = [], [], []
+    own, other = [], []
     for _, feats, _, _, meta in generate_split(world, "train", cfg.train_images, 0):
         f = feats - feats.mean(0, keepdims=True)  # remove what every region of the image shares
         f /= np.linalg.norm(f, axis=1, keepdims=True)

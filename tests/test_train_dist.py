@@ -83,10 +83,10 @@ def _worker(rank, world, init_file, kind, out_dir, uneven):
     regions, tokens, lengths = make_batch()
     cut = [0, 5, 16] if uneven else [0, 8, 16]
     sl = slice(cut[rank], cut[rank + 1])
-    r, t, l = regions[sl], tokens[sl], lengths[sl]
-    t = t[:, : int(l.max())]  # ranks see different padded lengths
+    r, t, n = regions[sl], tokens[sl], lengths[sl]
+    t = t[:, : int(n.max())]  # ranks see different padded lengths
     wrapped = PairLoss(model, 0.2, True, grad_scale=world, loss_fn=loss_fn)
-    scaled = wrapped(r, t, l)
+    scaled = wrapped(r, t, n)
     scaled.backward()
     # What DeepSpeed / DDP do: average gradients over ranks.
     for p in model.parameters():
@@ -109,7 +109,7 @@ def test_two_ranks_equal_one_rank(kind, uneven):
         out = torch.load(os.path.join(d, "out.pt"))
     assert out["loss"] == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
     for k, g in ref_grads.items():
-        torch.testing.assert_close(out["grads"][k], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(out["grads"][k], g, rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_gather_single_process_is_identity():

@@ -11,11 +11,11 @@ import sys
 
 import pytest
 import torch
+from train_helpers import LEARNED_RSUM, as_cli, tiny_config, tiny_overrides
 
 from imram_dist.config import ConfigError
 from imram_dist.train import driver
 from imram_dist.train.driver import train
-from train_helpers import LEARNED_RSUM, as_cli, tiny_config, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +37,8 @@ def _check_export(path: str, best: dict, cache_dir: str, tol: float | None = 1e-
     assert all(v.dtype == torch.float32 for v in model.state_dict().values() if v.is_floating_point())
     assert extra["config"]["model"]["vocab_size"] == len(extra["vocab"]["word2idx"])
     if tol is not None:
-        from imram_dist.data import resolve_root
         from imram_dist.config import from_dict
+        from imram_dist.data import resolve_root
 
         root = resolve_root(from_dict(extra["config"]).data)
         rsum = distributed_evaluate(model, load_eval_split(root, "dev")).metrics["rsum"]

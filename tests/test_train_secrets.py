@@ -5,7 +5,6 @@ Ray's session folder (logs and state)."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import SECRET_MARKER, assert_no_secret, ray_session_dir
 from train_helpers import tiny_config
 

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, start_mlflow_server
 from test_tune_search import children, parent_of, tiny_args
 
@@ -39,7 +38,8 @@ def test_a_diverging_trial_fails_alone_and_leaves_no_checkpoint(ray_cluster, cac
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = MlflowClient(uri)
-    kids = {float(k.data.params["model.lambda_softmax"]): k for k in children(client, parent_of(client, "search-nan").info.run_id)}
+    parent = parent_of(client, "search-nan")
+    kids = {float(k.data.params["model.lambda_softmax"]): k for k in children(client, parent.info.run_id)}
     assert sorted(kids) == [9.0, 1e39]
     bad, good = kids[1e39], kids[9.0]
     assert bad.info.status == "FAILED" and bad.data.tags["imram.status"] == "failed"

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import assert_no_secret, ray_session_dir
 from train_helpers import TINY
 
@@ -232,7 +231,7 @@ def test_train_cli_is_tracked_as_one_run(ray_cluster, cache, tmp_path):
     ov.update({"train.epochs": 2, "train.log_every": 0, "data.cache_dir": str(cache), "run.storage": str(tmp_path / "runs"),
                "run.name": "tracked", "tracking.uri": uri, "tracking.experiment": "train-test"})
     cmd = [sys.executable, "-m", "imram_dist.train", *[f"{k}={v}" for k, v in ov.items()]]
-    for attempt in range(2):
+    for _attempt in range(2):
         proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert "tracked in MLflow run" in proc.stdout

@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port
 from train_helpers import TINY, as_cli
 

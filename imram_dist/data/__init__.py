@@ -5,8 +5,7 @@ See docs/data.md for the format and docs/interfaces.md for the API contract.
 
 from .io import DataError, expand_urls, open_stream, read_bytes
 from .loader import Batch, EvalSplit, TrainPairs, collate, load_eval_split, pad_tokens
-from .shards import (BadSampleReport, Manifest, Sample, ShardInfo, ShardWriter, SplitInfo, iter_shard,
-                     read_manifest)
+from .shards import BadSampleReport, Manifest, Sample, ShardInfo, ShardWriter, SplitInfo, iter_shard, read_manifest
 from .synth import ensure_synthetic, generate_synthetic
 from .tokenize import END, PAD, START, UNK, Vocabulary, build_vocab, tokenize
 

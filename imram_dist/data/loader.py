@@ -35,7 +35,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def to(self, device, non_blocking: bool = False) -> "Batch":
+    def to(self, device, non_blocking: bool = False) -> Batch:
         return Batch(self.regions.to(device, non_blocking=non_blocking),
                      self.tokens.to(device, non_blocking=non_blocking),
                      self.lengths.to(device, non_blocking=non_blocking),

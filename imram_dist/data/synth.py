@@ -32,7 +32,7 @@ import tempfile
 import numpy as np
 
 from .io import atomic_write_bytes, unique_tmp_path
-from .shards import Manifest, ShardWriter, SplitInfo, ShardInfo, read_manifest, write_manifest, MANIFEST
+from .shards import MANIFEST, Manifest, ShardInfo, ShardWriter, SplitInfo, read_manifest, write_manifest
 from .tokenize import build_vocab
 
 OBJECTS = [("dog", "puppy"), ("cat", "kitten"), ("car", "automobile"), ("ball",), ("chair", "seat"),

@@ -137,7 +137,7 @@ class Vocabulary:
         return json.dumps(self.to_json(), ensure_ascii=False, sort_keys=False, indent=0).encode() + b"\n"
 
     @classmethod
-    def from_json(cls, data: dict) -> "Vocabulary":
+    def from_json(cls, data: dict) -> Vocabulary:
         for k in ("word2idx", "idx2word", "idx"):
             if k not in data:
                 raise ValueError(f"vocabulary JSON lacks the key {k!r} (expected word2idx, idx2word, idx)")
@@ -150,11 +150,11 @@ class Vocabulary:
         return v
 
     @classmethod
-    def loads(cls, raw: bytes | str) -> "Vocabulary":
+    def loads(cls, raw: bytes | str) -> Vocabulary:
         return cls.from_json(json.loads(raw))
 
     @classmethod
-    def load(cls, path_or_url: str) -> "Vocabulary":
+    def load(cls, path_or_url: str) -> Vocabulary:
         """From a local path or an s3:// URL."""
         from .io import read_bytes
 

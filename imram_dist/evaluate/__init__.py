@@ -3,11 +3,25 @@
 and the ``python -m imram_dist.evaluate`` CLI (docs/evaluation.md)."""
 
 from imram_dist.evaluate.metrics import (
-    EvalError, PROTOCOLS, average_folds, format_table, plan_protocol, retrieval_metrics, retrieval_ranks,
+    PROTOCOLS,
+    EvalError,
+    average_folds,
+    format_table,
+    plan_protocol,
+    retrieval_metrics,
+    retrieval_ranks,
 )
 from imram_dist.evaluate.scoring import (
-    EvalResult, allocate_scores, check_compatible, distributed_evaluate, encode_captions, encode_images,
-    evaluate_split, gather_rows, image_rows, score_matrix,
+    EvalResult,
+    allocate_scores,
+    check_compatible,
+    distributed_evaluate,
+    encode_captions,
+    encode_images,
+    evaluate_split,
+    gather_rows,
+    image_rows,
+    score_matrix,
 )
 
 __all__ = [

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from imram_dist.config import DEFAULT_PRESET, ConfigError, help_text, load_config
-from imram_dist.evaluate.metrics import PROTOCOLS, EvalError, format_table
 from imram_dist.data.io import atomic_write_bytes
+from imram_dist.evaluate.metrics import PROTOCOLS, EvalError, format_table
 
 DESCRIPTION = """Image-text retrieval evaluation of an IMRAM model: R@1/5/10, median and mean rank
 for image->text and text->image, and rsum. Settings not given as flags come from the
@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--save-sims", metavar="PATH", help="write the score matrix (.npy; [folds, n, m] for coco1k)")
     p.add_argument("--report", metavar="DIR", help="write top-5 results for sampled queries (report.json, report.md)")
-    p.add_argument("--config", metavar="PRESET_OR_FILE", help="config preset (f30k, coco, ...) or YAML file; default: the default preset")
+    p.add_argument("--config", metavar="PRESET_OR_FILE",
+                   help="config preset (f30k, coco, ...) or YAML file; default: the default preset")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p

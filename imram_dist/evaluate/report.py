@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+
 from imram_dist.data.io import atomic_write_bytes
 
 TOP = 5
@@ -87,7 +89,8 @@ def _md(report: dict[str, Any], title: str) -> str:
     return "\n".join(out)
 
 
-def write_report(out_dir: str | Path, report: dict[str, Any], summary: dict[str, Any], title: str = "Retrieval report") -> list[Path]:
+def write_report(out_dir: str | Path, report: dict[str, Any], summary: dict[str, Any],
+                 title: str = "Retrieval report") -> list[Path]:
     """report.json (summary + queries) and report.md under out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -19,16 +19,22 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from imram_dist.config import EvalConfig
 from imram_dist.evaluate.metrics import (
-    EvalError, Group, ProtocolPlan, average_folds, plan_protocol, retrieval_metrics,
+    EvalError,
+    Group,
+    ProtocolPlan,
+    average_folds,
+    plan_protocol,
+    retrieval_metrics,
 )
 
 CaptionBlocks = list  # list of (c0, emb [b, Lb, d], lengths [b]) in caption order

@@ -1,5 +1,6 @@
 """IMRAM model library (pure PyTorch; IMRAM_SPEC.md is the contract, docs/model.md the guide)."""
 
+from . import kernels
 from .checkpoint import (
     CheckpointError,
     load_inference_checkpoint,
@@ -7,7 +8,6 @@ from .checkpoint import (
     save_inference_checkpoint,
 )
 from .encoders import ImageEncoder, TextEncoder, l2norm
-from . import kernels
 from .imram import IMRAM, ModelInputError, compute_dtype
 from .loss import directional_hinge_loss, hinge_loss
 

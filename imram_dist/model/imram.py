@@ -83,7 +83,7 @@ class IMRAM(nn.Module):
             raise ValueError(f"kernels: expected one of {list(KERNEL_CHOICES)}, got {kernels!r}")
         self.kernels = kernels
 
-    def kernels_for(self, device: torch.device, dtype: torch.dtype) -> "kernels.Kernels":
+    def kernels_for(self, device: torch.device, dtype: torch.dtype) -> kernels.Kernels:
         """The elementwise kernels that scoring uses on this device in this compute dtype. The whole
         compiled core (config.compile_scoring, no grad) traces the eager reference itself."""
         if self.config.compile_scoring and not torch.is_grad_enabled():

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import functools
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -99,7 +99,7 @@ def _gate_bwd(pre: torch.Tensor, q: torch.Tensor, grad: torch.Tensor) -> tuple[t
 _RECOMPILE_LIMIT = 64
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(name: str) -> Callable:
     fn = {"fwd": _gate_fwd, "fwd_save": _gate_fwd_save, "bwd": _gate_bwd}[name]
     return torch.compile(fn, dynamic=True)

@@ -5,7 +5,8 @@ MLflow run and adds only the epochs it does not have yet."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import yaml
 

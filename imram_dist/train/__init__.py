@@ -6,7 +6,12 @@ imram_dist.train`` is the CLI. See docs/training.md."""
 from __future__ import annotations
 
 from imram_dist.train.plan import (
-    check_resources, check_static, deepspeed_config, lr_at_epoch, micro_batch, resolve_storage,
+    check_resources,
+    check_static,
+    deepspeed_config,
+    lr_at_epoch,
+    micro_batch,
+    resolve_storage,
 )
 
 __all__ = ["train", "TrainOutcome", "check_resources", "check_static", "deepspeed_config",

@@ -17,7 +17,7 @@ AVERAGES gradients over ranks, so the loss handed to backward is multiplied by t
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

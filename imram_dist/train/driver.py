@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from imram_dist.config import Config, ConfigError, to_dict
-from imram_dist.train.plan import (
-    check_data, check_resources, check_static, forwarded_env, resolve_storage,
-)
 from imram_dist.train.checkpoints import WEIGHTS_FILE, prune_checkpoints, scan_checkpoints
+from imram_dist.train.plan import (
+    check_data,
+    check_resources,
+    check_static,
+    forwarded_env,
+    resolve_storage,
+)
 from imram_dist.train.worker import train_loop
 
 

@@ -14,8 +14,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from imram_dist.config import Config, ConfigError, from_dict, to_dict
 from imram_dist.tune.space import SearchSpace, check_samples, load_space, trial_config

@@ -18,9 +18,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 import imram_oracle as oracle  # noqa: E402
+
 from imram_dist.config import ModelConfig  # noqa: E402
 from imram_dist.model import IMRAM, hinge_loss  # noqa: E402
-
 
 
 def _small(mode="full", **kw):
