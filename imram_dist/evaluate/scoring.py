@@ -16,7 +16,6 @@ The same functions serve training's dev evaluation inside Ray Train workers
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 from imram_dist.config import EvalConfig
 from imram_dist.evaluate.metrics import (
@@ -36,19 +36,13 @@ from imram_dist.evaluate.metrics import (
     plan_protocol,
     retrieval_metrics,
 )
+from imram_dist.model import unwrap
 
 CaptionBlocks = list  # list of (c0, emb [b, Lb, d], lengths [b]) in caption order
 
 
 # ---------------------------------------------------------------------------------------
 # Helpers
-
-
-def _unwrap(model: Any) -> Any:
-    """The IMRAM module inside a DeepSpeed engine / DDP wrapper."""
-    while not hasattr(model, "similarity") and hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _device(model: Any) -> torch.device:
@@ -113,7 +107,7 @@ def allocate_scores(shape: tuple[int, ...], memmap_mb: int = 1024, path: str | o
 @torch.no_grad()
 def encode_images(model: Any, regions: Any, i0: int = 0, i1: int | None = None, batch: int = 128) -> torch.Tensor:
     """``model.encode_images`` over images [i0, i1) in batches of ``batch`` (grid from i0)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     regions = _as_tensor(regions)
     i1 = regions.shape[0] if i1 is None else i1
     dev = _device(model)
@@ -129,7 +123,7 @@ def encode_captions(model: Any, tokens: Any, lengths: Any, c0: int = 0, c1: int 
     """``model.encode_captions`` over captions [c0, c1) in blocks of ``block`` (grid from c0),
     each block trimmed to its longest caption. Returns [(start, emb [b, Lb, d], lengths [b])]
     with start relative to c0."""
-    model = _unwrap(model)
+    model = unwrap(model)
     tokens, lengths = _as_tensor(tokens, torch.long), _as_tensor(lengths, torch.long)
     c1 = tokens.shape[0] if c1 is None else c1
     dev = _device(model)
@@ -193,7 +187,7 @@ def score_matrix(model: Any, image_emb: torch.Tensor, caption_emb: torch.Tensor 
     block_images = block_images or defaults.block_images
     block_captions = block_captions or defaults.block_captions
     dtype = scoring_dtype(precision or defaults.precision)
-    model = _unwrap(model)
+    model = unwrap(model)
     blocks = _caption_blocks(caption_emb, lengths, block_captions)
     n = image_emb.shape[0]
     m = sum(int(e.shape[0]) for _, e, _ in blocks)
@@ -309,7 +303,7 @@ def _split_arrays(eval_split: Any) -> tuple[Any, Any, Any, Any]:
 
 def check_compatible(model: Any, eval_split: Any) -> None:
     """Clear errors for a model that cannot score this data (feature width, vocabulary)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     regions, tokens, lengths, _ = _split_arrays(eval_split)
     if len(regions.shape) != 3:
         raise EvalError(f"regions must be [images, regions, features], got shape {tuple(regions.shape)}")
@@ -379,7 +373,7 @@ def _score_groups(model: Any, eval_split: Any, plan: ProtocolPlan, cfg: EvalConf
         # (only the batches that overlap this rank's rows), and all of its captions.
         first = (r0 // cfg.image_batch) * cfg.image_batch
         last = min(-(-r1 // cfg.image_batch) * cfg.image_batch, n)
-        img = encode_images(_unwrap(model), regions, grp.i0 + first, grp.i0 + last, cfg.image_batch) \
+        img = encode_images(unwrap(model), regions, grp.i0 + first, grp.i0 + last, cfg.image_batch) \
             if r1 > r0 else torch.empty(0)
         caps = encode_captions(model, tokens, lengths, grp.c0, grp.c1, cfg.block_captions)
         # score_matrix indexes image_emb by group row; give it a view starting at row `first`.
@@ -433,7 +427,7 @@ def distributed_evaluate(model: Any, eval_split: Any, protocol: str = "auto", cf
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     check_compatible(model, eval_split)
     plan = _plan(eval_split, protocol, cfg)
-    inner = _unwrap(model)
+    inner = unwrap(model)
     was_training = inner.training
     inner.eval()
     t0 = time.perf_counter()
@@ -487,12 +481,6 @@ class _SplitView:
     caption_to_image: Any = None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def evaluate_split(model: Any, eval_split: Any, protocol: str = "auto", workers: int = 1,
                    cfg: EvalConfig | None = None, *, sims_path: str | os.PathLike | None = None,
                    keep_sims: bool = False, progress: bool = False) -> EvalResult:
@@ -528,10 +516,10 @@ def evaluate_split(model: Any, eval_split: Any, protocol: str = "auto", workers:
                      lengths=_as_tensor(lengths, torch.long),
                      caption_to_image=None if c2i is None else _as_tensor(np.asarray(c2i), torch.long))
         threads = max(1, torch.get_num_threads() // workers)
-        inner = _unwrap(model)
+        inner = unwrap(model)
         timing = torch.zeros(1, dtype=torch.float64).share_memory_()
         mp.spawn(_spawn_worker, nprocs=workers, join=True,
-                 args=(workers, _free_port(), inner, split, protocol, cfg, shared,
+                 args=(workers, get_free_port(), inner, split, protocol, cfg, shared,
                        sims.filename if on_disk else None, threads, progress, timing))
         if on_disk:
             sims = np.load(sims.filename, mmap_mode="r+")

@@ -8,7 +8,7 @@ from .checkpoint import (
     save_inference_checkpoint,
 )
 from .encoders import ImageEncoder, TextEncoder, l2norm
-from .imram import IMRAM, ModelInputError, compute_dtype
+from .imram import IMRAM, ModelInputError, compute_dtype, unwrap
 from .loss import directional_hinge_loss, hinge_loss
 
 __all__ = [
@@ -25,4 +25,5 @@ __all__ = [
     "load_inference_checkpoint",
     "load_reference_checkpoint",
     "save_inference_checkpoint",
+    "unwrap",
 ]

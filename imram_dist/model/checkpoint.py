@@ -17,7 +17,7 @@ import torch
 
 from imram_dist.config import ModelConfig
 
-from .imram import IMRAM
+from .imram import IMRAM, unwrap
 
 
 class CheckpointError(ValueError):
@@ -149,8 +149,7 @@ def _check_plain(value: Any, where: str) -> None:
 
 
 def _unwrap(model: Any) -> IMRAM:
-    while not isinstance(model, IMRAM) and hasattr(model, "module"):
-        model = model.module  # DDP / DeepSpeed engine
+    model = unwrap(model)
     if not isinstance(model, IMRAM):
         raise TypeError(f"model: expected an IMRAM (or a wrapper with .module), got {type(model).__name__}")
     return model

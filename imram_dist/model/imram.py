@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -258,3 +259,10 @@ class IMRAM(nn.Module):
     def forward(self, regions: torch.Tensor, tokens: torch.Tensor, lengths) -> torch.Tensor:
         """Encode and score all pairs: [N, M]."""
         return self.similarity(self.encode_images(regions), self.encode_captions(tokens, lengths), lengths)
+
+
+def unwrap(model: Any) -> Any:
+    """The model inside a DeepSpeed engine or DDP wrapper (their ``.module``); anything else as is."""
+    while not isinstance(model, IMRAM) and hasattr(model, "module"):
+        model = model.module
+    return model

@@ -33,14 +33,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .encoders import EPS, l2norm
 from .kernels import EAGER, Kernels
 
-EPS = 1e-8
 TINY = 1e-30  # floor under squared norms before sqrt: keeps gradients finite, never changes a value
-
-
-def _l2norm(x: torch.Tensor) -> torch.Tensor:
-    return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + EPS)
 
 
 @dataclass
@@ -118,7 +114,7 @@ def prepare(V: torch.Tensor, W: torch.Tensor, lengths: torch.Tensor, text: bool,
 
 def _renorm(X: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and X.requires_grad:
-        return _l2norm(X)
+        return l2norm(X)
     return X.div_(torch.linalg.vector_norm(X, dim=-1, keepdim=True).add_(EPS))
 
 

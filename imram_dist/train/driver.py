@@ -90,13 +90,10 @@ def start_local_ray(num_cpus: int | None = None, resources: dict[str, float] | N
     process of this cluster inherits it: Ray's state API (used by Train's placement-group cleaner
     when Tune stops a trial) otherwise guesses among all clusters on the machine and fails when
     there are several. dashboard=True starts the dashboard (on 127.0.0.1) that serves that API."""
-    import socket
-
     import ray
+    from torch.distributed.elastic.utils.distributed import get_free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = get_free_port()
     address = f"127.0.0.1:{port}"
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     os.environ["RAY_ADDRESS"] = address
