@@ -221,6 +221,23 @@ class EvalConfig:
     """Seed for sampling the --report queries."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Scoring precision for evaluation: fp32 (exact reference) or bf16 (faster on AMX CPUs and GPUs)."""
+    # what python -m imram_dist.evaluate scores and where it writes (its flags are shorthands for these)
+    checkpoint: str = ""
+    """python -m imram_dist.evaluate: an imram-dist inference checkpoint (file, or a folder holding one)."""
+    model_uri: str = ""
+    """python -m imram_dist.evaluate: an MLflow registered model, models:/name@alias or models:/name/version."""
+    reference: str = ""
+    """python -m imram_dist.evaluate: the authors' model_best.pth.tar."""
+    workers: int = 1
+    """python -m imram_dist.evaluate: local scoring processes."""
+    json_path: str = ""
+    """python -m imram_dist.evaluate: write the results as JSON to this file."""
+    save_sims: str = ""
+    """python -m imram_dist.evaluate: write the score matrix to this .npy ([folds, n, m] for coco1k)."""
+    report_dir: str = ""
+    """python -m imram_dist.evaluate: write top-5 results of sampled queries (report.json, report.md) here."""
+    progress: bool = True
+    """Show a progress bar while scoring."""
 
 
 @dataclass
@@ -500,6 +517,7 @@ def validate(cfg: Config) -> None:
         ("eval.block_images", cfg.eval.block_images >= 1, "at least 1"),
         ("eval.block_captions", cfg.eval.block_captions >= 1, "at least 1"),
         ("eval.fold_images", cfg.eval.fold_images >= 1, "at least 1"),
+        ("eval.workers", cfg.eval.workers >= 1, "at least 1"),
         ("cluster.gpus_per_worker", cfg.cluster.gpus_per_worker > 0, "positive"),
         ("tune.trials", cfg.tune.trials >= 1, "at least 1"),
         ("tune.grace_epochs", cfg.tune.grace_epochs >= 1, "at least 1"),
@@ -562,7 +580,7 @@ def parse_cli(argv: list[str], prog: str, description: str,
 
     ``shorthands`` maps a few named flags to config keys (``{"--trials": "tune.trials"}``): a
     flag is only another spelling of its key, so its default and help come from the config; a
-    flag whose key is a bool takes no value and sets it true. Without --config the ``default``
+    flag whose key is a bool takes no value and sets it true (false for a ``--no-...`` flag). Without --config the ``default``
     preset (small, CPU, synthetic corpus) applies, so a bare command works on a laptop; the paper
     settings are ``--config f30k`` / ``--config coco``."""
     shorthands = shorthands or {}
@@ -596,7 +614,7 @@ def parse_cli(argv: list[str], prog: str, description: str,
         elif flag in shorthands:
             key = shorthands[flag]
             if keys[key][2] is bool and not eq:
-                overrides.append(f"{key}=true")
+                overrides.append(f"{key}={'false' if flag.startswith('--no-') else 'true'}")
             elif eq:
                 overrides.append(f"{key}={inline}")
             elif args and not args[0].startswith("--") and not _DOTTED_OVERRIDE.match(args[0]):

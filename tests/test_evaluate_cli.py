@@ -118,6 +118,34 @@ def test_cli_errors(dataset, capsys):
     assert rc == 2 and "unknown config key" in err
     rc, err = _main(["--reference", ref, "--data", str(dataset["base"] / "nowhere")], capsys)
     assert rc == 2 and "dataset" in err
+    # the convention of every CLI: flags are shorthands for keys, errors name both
+    rc, err = _main(["--data", root], capsys)
+    assert rc == 2 and "give exactly one model: --checkpoint PATH (eval.checkpoint)" in err and "got 0" in err
+    rc, err = _main(["--reference", ref, f"eval.checkpoint={ref}", "--data", root], capsys)
+    assert rc == 2 and "got 2" in err
+    rc, err = _main(["--reference", ref, "--data", root, "--workers", "0"], capsys)
+    assert rc == 2 and "eval.workers: expected at least 1, got 0" in err
+    rc, err = _main(["--reference", ref, "--data", root, "--split"], capsys)
+    assert rc == 2 and "--split needs a value (it sets eval.split)" in err
+    rc, err = _main(["--reference", ref, "--data", root, "--worker", "2"], capsys)
+    assert rc == 2 and "unknown flag '--worker'" in err
+
+
+def test_cli_flags_are_config_keys(capsys):
+    from imram_dist.config import parse_cli
+    from imram_dist.evaluate.cli import SHORTHANDS, main
+
+    by_flags = parse_cli(["--checkpoint", "m.pt", "--split", "dev", "--workers", "3", "--no-progress",
+                          "--json", "o.json"], "imram_dist.evaluate", "", SHORTHANDS)
+    by_keys = parse_cli(["eval.checkpoint=m.pt", "eval.split=dev", "eval.workers=3", "eval.progress=false",
+                         "eval.json_path=o.json"], "imram_dist.evaluate", "", SHORTHANDS)
+    assert by_flags == by_keys and by_flags.eval.workers == 3 and by_flags.eval.progress is False
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m imram_dist.evaluate [--config PRESET_OR_FILE] [--checkpoint CHECKPOINT]")
+    assert "--no-progress" in out and "eval.progress  (default True)" in out and "eval.model_uri=''" in out
 
 
 def test_cli_one_to_one_and_inference_checkpoint(dataset, tmp_path, capsys):

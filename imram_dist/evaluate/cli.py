@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -12,36 +11,29 @@ from typing import Any
 
 import numpy as np
 
-from imram_dist.config import DEFAULT_PRESET, ConfigError, help_text, load_config
+from imram_dist.config import Config, ConfigError, parse_cli
 from imram_dist.data.io import atomic_write_bytes
-from imram_dist.evaluate.metrics import PROTOCOLS, EvalError, format_table
+from imram_dist.evaluate.metrics import EvalError, format_table
 
 DESCRIPTION = """Image-text retrieval evaluation of an IMRAM model: R@1/5/10, median and mean rank
-for image->text and text->image, and rsum. Settings not given as flags come from the
-config (defaults, --config PRESET, then dotted key=value overrides such as
-eval.block_images=64 data.root=...)."""
+for image->text and text->image, and rsum. Give the model with one of --checkpoint, --model or
+--reference; the other settings come from the config (defaults, --config PRESET, then dotted
+key=value overrides such as eval.block_images=64)."""
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m imram_dist.evaluate", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="config keys (key=value):\n" + help_text())
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="PATH", help="imram-dist inference checkpoint (file, or a folder holding one)")
-    src.add_argument("--model", metavar="URI", help="MLflow registered model, models:/name@alias or models:/name/version")
-    src.add_argument("--reference", metavar="PATH", help="the authors' model_best.pth.tar")
-    p.add_argument("--data", metavar="ROOT_OR_URL", help="dataset root (folder or s3:// prefix); default: data.root")
-    p.add_argument("--split", help="split to evaluate; default: eval.split")
-    p.add_argument("--protocol", choices=PROTOCOLS, help="default: eval.protocol")
-    p.add_argument("--workers", type=int, default=1, help="local scoring processes (default 1)")
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    p.add_argument("--save-sims", metavar="PATH", help="write the score matrix (.npy; [folds, n, m] for coco1k)")
-    p.add_argument("--report", metavar="DIR", help="write top-5 results for sampled queries (report.json, report.md)")
-    p.add_argument("--config", metavar="PRESET_OR_FILE",
-                   help="config preset (f30k, coco, ...) or YAML file; default: the default preset")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    return p
+# every flag is another spelling of a config key, as in train and tune
+SHORTHANDS = {
+    "--checkpoint": "eval.checkpoint",
+    "--model": "eval.model_uri",
+    "--reference": "eval.reference",
+    "--data": "data.root",
+    "--split": "eval.split",
+    "--protocol": "eval.protocol",
+    "--workers": "eval.workers",
+    "--json": "eval.json_path",
+    "--save-sims": "eval.save_sims",
+    "--report": "eval.report_dir",
+    "--no-progress": "eval.progress",
+}
 
 
 def checkpoint_vocab(info: dict[str, Any]) -> Any:
@@ -98,47 +90,40 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return _run(args)
+        cfg = parse_cli(sys.argv[1:] if argv is None else argv, "imram_dist.evaluate", DESCRIPTION, SHORTHANDS)
+        return _run(cfg)
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(cfg: Config) -> int:
     from imram_dist.evaluate.loading import load_model
     from imram_dist.evaluate.report import build_report, write_report
     from imram_dist.evaluate.scoring import evaluate_split
 
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        raise EvalError(f"unexpected argument(s) {bad}: config overrides are key=value")
-    cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
-    protocol = args.protocol or cfg.eval.protocol
-    split = args.split or cfg.eval.split
-    root = args.data if args.data is not None else cfg.data.root
+    ev = cfg.eval
+    protocol, split, root = ev.protocol, ev.split, cfg.data.root
     if not root:
         from imram_dist.data import resolve_root
         root = str(resolve_root(cfg.data))
-    if args.workers < 1:
-        raise EvalError(f"--workers must be at least 1, got {args.workers}")
 
-    model, info = load_model(args.checkpoint, args.model, args.reference)
+    model, info = load_model(ev.checkpoint or None, ev.model_uri or None, ev.reference or None)
     eval_split, load_notes = load_split(root, split, checkpoint_vocab(info))
     # the matrix is filled under a temporary name and renamed when whole, so an interrupted run
     # never leaves a complete-looking .npy at --save-sims
-    sims_tmp = f"{args.save_sims}.{os.getpid()}.partial" if args.save_sims else None
+    sims_tmp = f"{ev.save_sims}.{os.getpid()}.partial" if ev.save_sims else None
     try:
-        result = evaluate_split(model, eval_split, protocol, args.workers, cfg.eval, sims_path=sims_tmp,
-                                keep_sims=bool(args.report), progress=not args.no_progress)
+        result = evaluate_split(model, eval_split, protocol, ev.workers, ev, sims_path=sims_tmp,
+                                keep_sims=bool(ev.report_dir), progress=ev.progress)
     except BaseException:
         if sims_tmp and os.path.exists(sims_tmp):
             os.remove(sims_tmp)
         raise
     if sims_tmp:
         result.sims.flush()
-        os.replace(sims_tmp, args.save_sims)
+        os.replace(sims_tmp, ev.save_sims)
 
     header = (f"{info['source']} on {root}:{split} protocol {result.protocol}: "
               f"{result.n_images} images x {result.n_captions} captions, {result.pairs:,} pairs in "
@@ -156,17 +141,17 @@ def _run(args: argparse.Namespace) -> int:
     summary = {**result.to_json(), "source": info["source"], "data": root, "split": split,
                "precision": cfg.eval.precision,
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if args.save_sims:
-        summary["sims"] = str(args.save_sims)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(args.json, json.dumps(summary, indent=2).encode())
-    if args.report:
+    if ev.save_sims:
+        summary["sims"] = ev.save_sims
+    if ev.json_path:
+        Path(ev.json_path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(ev.json_path, json.dumps(summary, indent=2).encode())
+    if ev.report_dir:
         sims = result.sims if not result.folds else result.sims[0]
         n, m = sims.shape
         c2i = np.arange(m) // (m // n) if result.protocol != "custom" else np.asarray(eval_split.caption_to_image)
         rep = build_report(sims, c2i, getattr(eval_split, "image_ids", None), getattr(eval_split, "captions", None),
                            cfg.eval.report_queries, cfg.eval.seed)
         title = f"{info['source']} on {split} ({result.protocol}{', fold 1' if result.folds else ''})"
-        write_report(args.report, rep, summary, title)
+        write_report(ev.report_dir, rep, summary, title)
     return 0

@@ -73,7 +73,8 @@ def load_model(checkpoint: str | None = None, model_uri: str | None = None,
     ``vocab`` when the checkpoint carries one)."""
     given = [x for x in (checkpoint, model_uri, reference) if x]
     if len(given) != 1:
-        raise EvalError("give exactly one of --checkpoint PATH, --model models:/name@alias, --reference PATH")
+        raise EvalError("give exactly one model: --checkpoint PATH (eval.checkpoint), --model models:/name@alias "
+                        f"(eval.model_uri) or --reference PATH (eval.reference); got {len(given)}")
     import imram_dist.model as M
 
     if reference:
