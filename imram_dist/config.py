@@ -497,14 +497,54 @@ def load_config(preset: str | None = None, overrides: list[str] | dict[str, Any]
     return cfg
 
 
+def _model_checks(m: ModelConfig, prefix: str) -> list[tuple[str, bool, str]]:
+    return [
+        (f"{prefix}steps", m.steps >= 1, "at least 1"),
+        (f"{prefix}embed_size", m.embed_size >= 1, "positive"),
+        (f"{prefix}image_dim", m.image_dim >= 1, "positive"),
+        (f"{prefix}word_dim", m.word_dim >= 1, "positive"),
+        (f"{prefix}max_caption_len", m.max_caption_len >= 1, "positive"),
+        (f"{prefix}vocab_size", m.vocab_size >= 0, "0 (from the dataset) or more"),
+        (f"{prefix}lambda_softmax", m.lambda_softmax > 0, "positive"),
+        (f"{prefix}margin", m.margin >= 0, "non-negative"),
+        (f"{prefix}score_memory_mb", m.score_memory_mb > 0, "positive"),
+    ]
+
+
+def _raise_first(cfg: Any, checks: list[tuple[str, bool, str]], strip: str = "") -> None:
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key}: expected {expected}, got {_get(cfg, key.removeprefix(strip))!r}")
+
+
+def validate_model(m: ModelConfig, prefix: str = "model.", built: bool = False) -> None:
+    """The value checks of a model config (also run by validate); built=True is the model's own
+    check: the vocabulary size must then be known (0 means 'from the dataset'). A ModelConfig
+    built in Python has had no type check yet, so every field's type is checked here too."""
+    for name, tp in _field_types(ModelConfig).items():
+        setattr(m, name, _coerce(f"{prefix}{name}", getattr(m, name), tp))
+    checks = _model_checks(m, prefix)
+    if built:
+        checks.append((f"{prefix}vocab_size", m.vocab_size >= 1,
+                       "at least 1 once the model is built (0 means 'from the dataset' and is resolved first)"))
+    _raise_first(m, checks, strip=prefix)
+
+
+def model_config(data: dict[str, Any], where: str = "model_config") -> ModelConfig:
+    """A ModelConfig from a plain dict (a checkpoint's model_config): type-checked and validated
+    like every other way of building a config; errors name ``where`` and the key."""
+    m = ModelConfig()
+    try:
+        apply_overrides(m, data, prefix="model.")
+        validate_model(m)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return m
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express."""
-    checks = [
-        ("model.steps", cfg.model.steps >= 1, "at least 1"),
-        ("model.embed_size", cfg.model.embed_size >= 1, "positive"),
-        ("model.image_dim", cfg.model.image_dim >= 1, "positive"),
-        ("model.lambda_softmax", cfg.model.lambda_softmax > 0, "positive"),
-        ("model.margin", cfg.model.margin >= 0, "non-negative"),
+    checks = _model_checks(cfg.model, "model.") + [
         ("train.zero_stage", cfg.train.zero_stage in (0, 1, 2), "0, 1 or 2"),
         ("train.epochs", cfg.train.epochs >= 1, "at least 1"),
         ("train.grad_accum", cfg.train.grad_accum >= 1, "at least 1"),
@@ -525,9 +565,7 @@ def validate(cfg: Config) -> None:
         ("tune.max_concurrent", cfg.tune.max_concurrent >= 0, "0 (auto) or more"),
         ("tune.name", bool(cfg.tune.name) and "/" not in cfg.tune.name, "a non-empty name without '/'"),
     ]
-    for key, ok, expected in checks:
-        if not ok:
-            raise ConfigError(f"{key}: expected {expected}, got {_get(cfg, key)!r}")
+    _raise_first(cfg, checks)
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -541,9 +579,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config from to_dict output (e.g. saved in a checkpoint)."""
+    """Rebuild a Config from to_dict output (e.g. saved in a checkpoint), checked like any other."""
     cfg = Config()
     apply_overrides(cfg, data)
+    validate(cfg)
     return cfg
 
 

@@ -93,7 +93,30 @@ def test_bad_embeddings_for_similarity(model):
 
 
 def test_bad_config_is_refused():
-    with pytest.raises(ValueError, match="vocab_size: expected a positive integer"):
+    """The model runs the config's own checks (one set for every way a config is built): types,
+    including the mode Literal, and values."""
+    with pytest.raises(ValueError, match=r"model.vocab_size: expected at least 1 once the model is built"):
         IMRAM(ModelConfig(vocab_size=0))
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(ValueError, match=r"model.steps: expected at least 1, got 0"):
         IMRAM(ModelConfig(vocab_size=5, steps=0))
+    with pytest.raises(ValueError, match=r"model.mode: expected one of .*'full'.*got 'fast'"):
+        IMRAM(ModelConfig(vocab_size=5, mode="fast"))
+    with pytest.raises(ValueError, match=r"model.embed_size: expected an integer, got .32."):
+        IMRAM(ModelConfig(vocab_size=5, embed_size="32"))
+
+
+def test_checkpoint_model_config_is_checked_like_any_config(tmp_path):
+    """A checkpoint whose model_config holds a bad type or value is refused with the file and key."""
+    from imram_dist.model import CheckpointError, load_inference_checkpoint, save_inference_checkpoint
+
+    path = tmp_path / "m.pt"
+    save_inference_checkpoint(path, IMRAM(ModelConfig(vocab_size=5, embed_size=8, image_dim=4, word_dim=4)))
+    payload = torch.load(path, weights_only=True)
+    payload["model_config"]["steps"] = "3"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=rf"{path}: model_config: model.steps: expected an integer, got .3."):
+        load_inference_checkpoint(path)
+    payload["model_config"]["steps"] = 0
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"model_config: model.steps: expected at least 1, got 0"):
+        load_inference_checkpoint(path)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from imram_dist.config import ModelConfig
+from imram_dist.config import ModelConfig, model_config
 
 from .imram import IMRAM, unwrap
 
@@ -204,7 +204,11 @@ def load_inference_checkpoint(path: str | os.PathLike) -> tuple[IMRAM, dict]:
     unknown = sorted(set(cfg) - fields)
     if unknown:
         raise CheckpointError(f"{path}: model_config has keys this version does not know: {unknown}")
-    model = IMRAM(ModelConfig(**cfg))
+    try:
+        config = model_config(cfg, where=f"{path}: model_config")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    model = IMRAM(config)
     model.load_state_dict(payload["state_dict"], strict=True)
     model.eval()
     return model, {k: v for k, v in payload.items() if k != "state_dict"}

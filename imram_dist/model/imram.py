@@ -10,12 +10,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from imram_dist.config import ModelConfig
+from imram_dist.config import ModelConfig, validate_model
 
 from . import kernels, scoring
 from .encoders import ImageEncoder, TextEncoder
 
-MODES = ("full", "text", "image")
 KERNEL_CHOICES = kernels.CHOICES
 
 
@@ -35,24 +34,6 @@ class ModelInputError(ValueError):
     """An input tensor the model cannot score; the message says what was expected."""
 
 
-def _check_config(config: ModelConfig) -> None:
-    problems = []
-    if config.mode not in MODES:
-        problems.append(f"mode: expected one of {list(MODES)}, got {config.mode!r}")
-    for key in ("image_dim", "embed_size", "word_dim", "steps", "max_caption_len"):
-        if not isinstance(getattr(config, key), int) or getattr(config, key) < 1:
-            problems.append(f"{key}: expected a positive integer, got {getattr(config, key)!r}")
-    if not isinstance(config.vocab_size, int) or config.vocab_size < 1:
-        problems.append(f"vocab_size: expected a positive integer (0 means 'from the dataset' and must be "
-                        f"resolved before building the model), got {config.vocab_size!r}")
-    if not config.lambda_softmax > 0:
-        problems.append(f"lambda_softmax: expected a positive number, got {config.lambda_softmax!r}")
-    if not config.score_memory_mb > 0:
-        problems.append(f"score_memory_mb: expected a positive number, got {config.score_memory_mb!r}")
-    if problems:
-        raise ValueError("invalid ModelConfig: " + "; ".join(problems))
-
-
 class IMRAM(nn.Module):
     """IMRAM (Chen et al., CVPR 2020) as fixed by IMRAM_SPEC.md.
 
@@ -68,7 +49,7 @@ class IMRAM(nn.Module):
 
     def __init__(self, config: ModelConfig, kernels: str | None = None) -> None:
         super().__init__()
-        _check_config(config)
+        validate_model(config, built=True)  # the one set of checks every config goes through
         self.config = config
         d = config.embed_size
         self.img_enc = ImageEncoder(config.image_dim, d)
