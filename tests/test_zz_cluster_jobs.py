@@ -215,25 +215,27 @@ def test_training_job_on_two_nodes(hand_cluster):
 def test_search_job_on_two_nodes(hand_cluster):
     assert TUNE_MAIN.exists(), f"{TUNE_MAIN} is missing: the search CLI is not built"
     experiment, model = "cluster-search", "imram-cluster-test"
-    entry = " ".join([sys.executable, "-m", "imram_dist.tune", "--config", "default", "--trials", "2",
+    # one trial: what the cluster adds (a trial's workers on both nodes, the driver's MLflow writes
+    # and registry reach the server) does not change with the count; tests/test_tune_* cover many
+    entry = " ".join([sys.executable, "-m", "imram_dist.tune", "--config", "default", "--trials", "1",
                       "--scheduler", "fifo", "--search", "random", "--max-concurrent", "1",
                       "--workers-per-trial", "2", "--tracking-uri", hand_cluster["mlflow"],
                       "--experiment", experiment, *tiny_cli(hand_cluster, "jobs-search"),
                       "tune.name=jobs-search", f"tracking.registered_model={model}"])
     out = submit(hand_cluster, entry, timeout_s=420)
     assert out["status"] == "SUCCEEDED", out["logs"][-4000:]
-    # Both trials trained with one worker on each node (the trials' own Train runs say so).
+    # The trial trained with one worker on each node (its own Train run says so).
     from imram_dist.tune.search import TRIALS_DIR
 
     trials = trained_nodes(hand_cluster["base"] / "runs" / "jobs-search" / TRIALS_DIR)
-    assert len(trials) == 2 and all(nodes == set(out["nodes"]) for nodes in trials.values()), (trials, out["nodes"])
+    assert len(trials) == 1 and all(nodes == set(out["nodes"]) for nodes in trials.values()), (trials, out["nodes"])
 
     client = mlflow_client(hand_cluster)
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None, f"no MLflow experiment {experiment!r} in the server"
     runs = client.search_runs([exp.experiment_id])
     trial_runs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(trial_runs) == 2, [(r.info.run_name, r.data.tags.get("mlflow.parentRunId")) for r in runs]
+    assert len(trial_runs) == 1, [(r.info.run_name, r.data.tags.get("mlflow.parentRunId")) for r in runs]
     assert all(r.info.status == "FINISHED" for r in trial_runs)
     champion = client.get_model_version_by_alias(model, "champion")
     assert champion.run_id in {r.info.run_id for r in runs}
