@@ -190,6 +190,9 @@ class RunConfig:
     """Where checkpoints and results go: a local path or s3://bucket/prefix."""
     max_failures: int = 1
     """Worker-group restarts from the last checkpoint before giving up."""
+    ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    """Ray Train's own messages on the console from this level up; all of them are in Ray's session
+    logs either way (/tmp/ray/session_latest/logs/ray-train-*.log on each node)."""
     keep_checkpoints: int = 2
     """Checkpoints kept, ranked by dev rsum."""
     export_path: str = ""

@@ -8,6 +8,9 @@ returns the [N, M] score matrix, exactly what load_inference_checkpoint + simila
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import mlflow.pyfunc
@@ -16,26 +19,46 @@ import numpy as np
 CHECKPOINT_ARTIFACT = "checkpoint"
 
 
-class IMRAMScorer(mlflow.pyfunc.PythonModel):
-    """Scores every image against every caption (captions tokenised with the bundled vocabulary)."""
+@contextlib.contextmanager
+def _mlflow_advice_hidden() -> Iterator[None]:
+    """Hide MLflow's advice that does not apply to this model: type hints on predict (ours has none
+    on purpose: MLflow would read them as a schema; the signature is given explicitly) and an input
+    example. MLflow resets the warning filters inside its calls, so the display hook is swapped."""
+    shown = warnings.showwarning
 
-    def load_context(self, context: Any) -> None:
-        from imram_dist.data import Vocabulary
-        from imram_dist.model import load_inference_checkpoint
+    def show(message, category, *args, **kwargs):
+        if not any(a in str(message) for a in ("type hints", "input example", "input_example")):
+            shown(message, category, *args, **kwargs)
 
-        self.model, meta = load_inference_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
-        self.vocab = Vocabulary.from_json(meta["vocab"])
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema
-        import torch
 
-        from imram_dist.data import pad_tokens
+with _mlflow_advice_hidden():  # MLflow inspects predict when the subclass is defined
 
-        regions, captions = _unpack(model_input)
-        tokens, lengths = pad_tokens([self.vocab.encode(c) for c in captions])
-        with torch.no_grad():
-            scores = self.model(torch.from_numpy(regions), tokens, lengths)
-        return scores.float().numpy()
+    class IMRAMScorer(mlflow.pyfunc.PythonModel):
+        """Scores every image against every caption (captions tokenised with the bundled vocabulary)."""
+
+        def load_context(self, context: Any) -> None:
+            from imram_dist.data import Vocabulary
+            from imram_dist.model import load_inference_checkpoint
+
+            self.model, meta = load_inference_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
+            self.vocab = Vocabulary.from_json(meta["vocab"])
+
+        def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema
+            import torch
+
+            from imram_dist.data import pad_tokens
+
+            regions, captions = _unpack(model_input)
+            tokens, lengths = pad_tokens([self.vocab.encode(c) for c in captions])
+            with torch.no_grad():
+                scores = self.model(torch.from_numpy(regions), tokens, lengths)
+            return scores.float().numpy()
 
 
 def _unpack(model_input: Any) -> tuple[np.ndarray, list[str]]:
@@ -75,10 +98,20 @@ def pip_requirements() -> list[str]:
 
 def log_model(run_id: str, checkpoint_path: str, regions: int, feature_dim: int) -> str:
     """Log the checkpoint as a pyfunc model named "model" in run_id; returns its model URI."""
+    import logging
+
     import mlflow
 
-    with mlflow.start_run(run_id=run_id, nested=True):
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=IMRAMScorer(), artifacts={CHECKPOINT_ARTIFACT: checkpoint_path},
-            signature=signature(regions, feature_dim), pip_requirements=pip_requirements())
+    # MLflow's note that a Python object is cloudpickled (ours is a stateless class whose weights
+    # travel as the checkpoint artifact) would print on every trial
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    pyfunc_log.setLevel(logging.ERROR)
+    try:
+        with _mlflow_advice_hidden(), mlflow.start_run(run_id=run_id, nested=True):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=IMRAMScorer(), artifacts={CHECKPOINT_ARTIFACT: checkpoint_path},
+                signature=signature(regions, feature_dim), pip_requirements=pip_requirements())
+    finally:
+        pyfunc_log.setLevel(level)
     return info.model_uri

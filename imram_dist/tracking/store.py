@@ -13,7 +13,9 @@ from imram_dist.config import ConfigError
 
 # MLflow retries an unreachable server for minutes by default; our own writer buffers and
 # retries instead (tracking/writer.py), so each request may fail fast.
-HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+            # no artifact progress bars between our progress lines (a model is a few small files)
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 class TrackingError(ConfigError):

@@ -17,6 +17,7 @@ AVERAGES gradients over ranks, so the loss handed to backward is multiplied by t
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -50,8 +51,12 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     for d in reversed(range(x.dim())):
         pad += [0, maxs[d] - x.shape[d]]
     xp = F.pad(x, pad) if any(pad) else x
-    # torch's differentiable all_gather: backward sums each rank's slice of the gradient over ranks
-    g = dist_nn.all_gather(xp.contiguous())
+    # torch's differentiable all_gather: backward sums each rank's slice of the gradient over ranks.
+    # torch 2.13 marks it deprecated in favour of the private _functional_collectives; it is still
+    # the supported autograd-aware gather, so the warning (once per rank per run) is filtered.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+        g = dist_nn.all_gather(xp.contiguous())
     sizes = [s[0] for s in shapes_l]
     return torch.cat([g[r][: sizes[r]] for r in range(world)], dim=0), sizes
 

@@ -135,6 +135,9 @@ def build_trainer(cfg: Config, root: str, callbacks: list[Any] | None = None):
             checkpoint_score_order="max"),
         failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
         callbacks=callbacks,
+        # worker-group start-up, process groups, "Reporting training result" dicts per rank: to the
+        # session's log files, not the console, which shows our progress lines and real warnings
+        logging_config=ray.train.LoggingConfig(log_level=cfg.run.ray_log_level),
     )
     return TorchTrainer(train_loop, train_loop_config=loop_cfg, scaling_config=scaling, run_config=run_config)
 
@@ -177,7 +180,9 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> TrainOutcome:
     before any worker starts, for a config this data/cluster cannot run."""
     check_static(cfg)
     root, manifest, vocab = prepare_data(cfg)
-    ensure_ray(cfg)
+    # the dashboard serves the state API that Train's placement-group cleaner polls: without it
+    # the console gets "Failed to query Ray Train Controller actor state" twice a second
+    ensure_ray(cfg, dashboard=True)
     import ray
 
     check_resources(cfg, ray.cluster_resources())

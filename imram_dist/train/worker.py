@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import functools
+import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -157,6 +162,27 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
+@contextlib.contextmanager
+def _prints_discarded():
+    """print() from libraries goes nowhere inside this block. Ray Train routes every worker's
+    print() to its logger (which the console shows), so redirecting sys.stdout is not enough."""
+    original = builtins.print
+    builtins.print = functools.partial(original, file=io.StringIO())
+    try:
+        yield
+    finally:
+        builtins.print = original
+
+
+def _quiet_ray_train_reports() -> None:
+    # Ray Train logs each rank's whole TrainingReport at INFO under a logger named by its file,
+    # outside the "ray.train" loggers that RunConfig's LoggingConfig filters; the same record stays
+    # in the session's ray-train-*.log files
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop(loop_cfg: dict[str, Any]) -> None:
     """Ray Train entry point (one call per worker)."""
     for k, v in loop_cfg.get("env", {}).items():
@@ -167,6 +193,11 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
+
+    try:
+        _quiet_ray_train_reports()
+    except ImportError:  # another Ray layout: the reports stay on the console
+        pass
 
     from imram_dist.config import from_dict
     from imram_dist.data import TrainPairs, load_eval_split
@@ -190,7 +221,8 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     net = PairLoss(model, cfg.model.margin, cfg.model.max_violation, grad_scale=float(world))
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.train.lr)
     ds_config = deepspeed_config(cfg, world, loop_cfg["use_gpu"])
-    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=ds_config)
+    with _prints_discarded():  # DeepSpeed prints "... built successfully" once per rank
+        engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=ds_config)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
     gas = cfg.train.grad_accum
 
