@@ -228,3 +228,24 @@ def test_ensure_synthetic_generates_once(tmp_path):
     assert other != root
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".synth-tmp")]
     assert read_manifest(root).provenance["synth_config"]["train_images"] == 20
+
+
+def test_cli_synth_takes_config_keys(tmp_path, capsys):
+    """synth follows the one CLI convention: --config, shorthand flags for data.synth keys, key=value."""
+    from imram_dist.config import load_config
+
+    out = tmp_path / "syn"
+    assert cli(["synth", str(out), "--train-images", "12", "--seed", "3", "data.synth.dev_images=5",
+                "data.synth.test_images=4", "data.synth.regions=10"]) == 0
+    m = read_manifest(str(out))
+    assert {k: v.images for k, v in m.splits.items()} == {"train": 12, "dev": 5, "test": 4}
+    assert m.regions == 10
+    # without --config the default preset's corpus: what `python -m imram_dist.train` trains on
+    assert load_config("default").data.synth.feature_dim == m.feature_dim
+    capsys.readouterr()
+    assert cli(["synth", str(tmp_path / "bad"), "train.lr=3"]) == 2
+    assert "synth takes data.synth.* keys only, got ['train.lr=3']" in capsys.readouterr().err
+    assert cli(["synth", str(tmp_path / "bad"), "data.synth.regions=many"]) == 2
+    assert "data.synth.regions" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert cli(["synth", "--help"]) == 0
+    assert "[--train-images TRAIN_IMAGES] [--seed SEED]" in capsys.readouterr().out

@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
-import typing
 
-from ..config import SynthConfig, field_docs
+from ..config import ConfigError, SynthConfig, parse_cli
 from .io import DataError
 
+# synth follows the convention of train, tune and evaluate: [--config PRESET] [flags] [key=value],
+# each flag a shorthand for a data.synth key; without --config the default preset's corpus (the one
+# `python -m imram_dist.train` trains on) is generated
+SYNTH_SHORTHANDS = {"--train-images": "data.synth.train_images", "--seed": "data.synth.seed",
+                    "--binding": "data.synth.binding"}
+SYNTH_DESCRIPTION = "Generate the synthetic corpus into OUT (keys: data.synth.*; docs/data.md, docs/synthetic.md)."
 
-def _add_synth_args(p: argparse.ArgumentParser) -> None:
-    """One flag per SynthConfig field; defaults and help come from the dataclass."""
-    docs = field_docs(SynthConfig)
-    hints = typing.get_type_hints(SynthConfig)
-    for f in dataclasses.fields(SynthConfig):
-        tp = hints[f.name]
-        kw: dict = {"default": f.default, "help": f"{docs.get(f.name, '')} (default: %(default)s)"}
-        if typing.get_origin(tp) is typing.Literal:
-            kw["choices"] = list(typing.get_args(tp))
-        else:
-            kw["type"] = tp
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+
+def _synth_config(argv: list[str]) -> SynthConfig:
+    other = [a for a in argv if "=" in a and not a.startswith("-") and not a.startswith("data.synth.")]
+    if other:
+        raise ConfigError(f"synth takes data.synth.* keys only, got {other}")
+    return parse_cli(argv, "imram_dist.data synth OUT", SYNTH_DESCRIPTION, SYNTH_SHORTHANDS).data.synth
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--vocab-threshold", type=int, default=4,
                    help="minimum count in train+dev captions for a word (default: %(default)s)")
 
-    s = sub.add_parser("synth", help="generate the synthetic corpus")
+    s = sub.add_parser("synth", help="generate the synthetic corpus", add_help=False)
     s.add_argument("out", help="output dataset folder")
-    _add_synth_args(s)
+    s.add_argument("rest", nargs=argparse.REMAINDER, help="[--config PRESET] [--train-images N] [data.synth.KEY=VALUE ...]")
 
     i = sub.add_parser("inspect", help="statistics and a full validation pass")
     i.add_argument("root", help="dataset folder or s3://bucket/prefix")
@@ -55,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("dest", help="s3://bucket/prefix")
     u.add_argument("--chunk-mb", type=int, default=16, help="multipart chunk size in MiB (default: %(default)s)")
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["synth"] and {"-h", "--help"} & set(argv):  # synth's help is parse_cli's, OUT or not
+        try:
+            _synth_config(["--help"])
+        except SystemExit:
+            return 0
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "synth":
             from .synth import generate_synthetic
 
-            cfg = SynthConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)})
+            cfg = _synth_config(args.rest)
             m = generate_synthetic(args.out, cfg, progress=True)
             print(f"wrote {args.out}: " + ", ".join(f"{k} {v.images} images" for k, v in m.splits.items()))
         elif args.cmd == "inspect":
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             how = ", ".join(f"{n} by {'the store' + chr(39) + 's SHA-256 checksum' if k == 's3-checksum' else 'reading back'}"
                             for k, n in sorted(r["verified"].items()))
             print(f"uploaded {r['files']} files ({r['bytes']} bytes) to {r['dest']}, all verified ({how})")
-    except DataError as e:
+    except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
