@@ -18,7 +18,7 @@ from imram_dist.train.plan import (
     forwarded_env,
     resolve_storage,
 )
-from imram_dist.train.worker import train_loop
+from imram_dist.train.recipe import WorkerArgs, train_loop
 
 
 @dataclass
@@ -117,10 +117,8 @@ def build_trainer(cfg: Config, root: str, callbacks: list[Any] | None = None):
     env = forwarded_env()
     if not cfg.cluster.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    loop_cfg = {
-        "config": to_dict(cfg), "root": root, "storage": storage.uri, "use_gpu": cfg.cluster.use_gpu,
-        "env": env, "threads": cfg.cluster.torch_threads or cfg.cluster.cpus_per_worker,
-    }
+    args = WorkerArgs(config=to_dict(cfg), root=root, storage=storage.uri, use_gpu=cfg.cluster.use_gpu,
+                      threads=cfg.cluster.torch_threads or cfg.cluster.cpus_per_worker, env=env)
     resources: dict[str, float] = {"CPU": cfg.cluster.cpus_per_worker}
     if cfg.cluster.use_gpu:
         resources["GPU"] = cfg.cluster.gpus_per_worker
@@ -139,7 +137,8 @@ def build_trainer(cfg: Config, root: str, callbacks: list[Any] | None = None):
         # session's log files, not the console, which shows our progress lines and real warnings
         logging_config=ray.train.LoggingConfig(log_level=cfg.run.ray_log_level),
     )
-    return TorchTrainer(train_loop, train_loop_config=loop_cfg, scaling_config=scaling, run_config=run_config)
+    return TorchTrainer(train_loop, train_loop_config={"args": args}, scaling_config=scaling,
+                        run_config=run_config)
 
 
 def export_inference(cfg: Config, checkpoint, vocab, log: Callable[[str], None] = print) -> tuple[str, str]:
