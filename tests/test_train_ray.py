@@ -103,7 +103,9 @@ def test_cli_s3_zero0(ray_cluster, cache_dir, s3_bucket, tmp_path):
     assert proc.returncode == 0, text[-4000:]
     for e in range(1, 5):
         assert re.search(rf"epoch {e}/4 done: loss [\d.]+ lr [\d.e+-]+ pairs/s [\d.]+ \| dev i2t R@1/5/10 ", text), text[-3000:]
-    assert re.search(r"epoch 1/4 step 25/50 loss [\d.]+ lr 5.00e-03 pairs/s", text)
+    assert re.search(r"epoch 1/4 step 25/50 loss [\d.]+ lr 5.00e-03 pairs/s [\d.]+ \(epoch ends in \dm\d\ds\)", text)
+    assert re.search(r"epoch 3/4 done: .*eval [\d.]+s; about \dm\d\ds left\]", text)
+    assert re.search(r"epoch 4/4 done: .*eval [\d.]+s\]", text)
     m = re.search(r"best dev epoch \d+: .* rsum ([\d.]+)", text)
     assert m and float(m.group(1)) > LEARNED_RSUM, text[-3000:]
     assert f"exported inference checkpoint: {export}" in text

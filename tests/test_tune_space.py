@@ -181,3 +181,21 @@ def test_optuna_searcher_suggests_configs_of_the_space():
         assert 0.05 <= trial.model.margin <= 0.5 and trial.model.steps in (1, 2, 3)
         assert 3e-4 <= trial.train.lr <= 1e-2 and trial.model.mode in ("full", "text", "image")
     assert searcher.suggest("t-over-the-limit") is None
+
+
+def test_progress_line_counts_and_time_left(monkeypatch):
+    """The search's progress line: counts of the whole search and the time left at the pace so far."""
+    from types import SimpleNamespace
+
+    from imram_dist.tune import callbacks
+
+    cfg = load_config("default", ["tune.trials=10"])
+    clock = iter([100.0, 160.0, 400.0])
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
+    printer = callbacks.ProgressPrinter(cfg, None)
+    running = [SimpleNamespace(status="RUNNING")] * 2
+    assert printer.counts(running) == "0 done (0 stopped early), 2 running, 0 failed, 8 pending | 1m00s elapsed"
+    trials = [SimpleNamespace(status="TERMINATED")] * 3 + [SimpleNamespace(status="ERROR")] + running
+    # 4 of 10 ended in 300 s: 6 more at that pace is 450 s
+    assert printer.counts(trials) == ("3 done (0 stopped early), 2 running, 1 failed, 4 pending | 5m00s elapsed, "
+                                      "about 7m30s left")

@@ -87,6 +87,12 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def format_duration(seconds: float) -> str:
+    """1m05s, 2h01m: the time-left notes of the progress lines."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 def train_loop(loop_cfg: dict[str, Any]) -> None:
     """Ray Train entry point (one call per worker): ``loop_cfg = {"args": WorkerArgs}``."""
     recipe = TrainRecipe(loop_cfg["args"])
@@ -242,9 +248,11 @@ class TrainRecipe:
             if cfg.train.log_every > 0 and step_in_epoch % cfg.train.log_every == 0 and step_in_epoch < steps:
                 tot_loss = all_reduce_sum(loss_win, device) / (cfg.train.log_every * gas)
                 tot_pairs = all_reduce_sum(pairs_win, device)
-                dt = time.perf_counter() - t_win
+                now = time.perf_counter()
+                left = (now - t_epoch) / step_in_epoch * (steps - step_in_epoch)
                 say(self.rank, f"[train] epoch {epoch + 1}/{cfg.train.epochs} step {step_in_epoch}/{steps} "
-                               f"loss {tot_loss:.4f} lr {lr:.2e} pairs/s {tot_pairs / dt:.1f}")
+                               f"loss {tot_loss:.4f} lr {lr:.2e} pairs/s {tot_pairs / (now - t_win):.1f} "
+                               f"(epoch ends in {format_duration(left)})")
                 t_win, loss_win, pairs_win = time.perf_counter(), 0.0, 0
         it.close()  # a rank may stop before its pass ends: release DataLoader workers and prefetch now
         train_seconds = time.perf_counter() - t_epoch
@@ -273,12 +281,15 @@ class TrainRecipe:
         metrics = {**dev, "epoch": epoch + 1, "global_step": st.global_step, **stats,
                    "eval_seconds": eval_seconds, "world_size": world, "worker_nodes": ",".join(self.nodes)}
         st.history.append(dict(metrics))
+        epochs_left = cfg.train.epochs - epoch - 1
+        time_left = (f"; about {format_duration(epochs_left * (stats['train_seconds'] + eval_seconds))} left"
+                     if epochs_left else "")
         say(rank, f"[train] epoch {epoch + 1}/{cfg.train.epochs} done: loss {stats['loss']:.4f} lr {stats['lr']:.2e} "
                   f"pairs/s {stats['pairs_per_s']:.1f} | dev i2t R@1/5/10 {dev['i2t_r1']:.1f}/"
                   f"{dev['i2t_r5']:.1f}/{dev['i2t_r10']:.1f} t2i R@1/5/10 {dev['t2i_r1']:.1f}/"
                   f"{dev['t2i_r5']:.1f}/{dev['t2i_r10']:.1f} rsum {dev['rsum']:.1f} "
                   f"(best {st.best_rsum:.1f} @ epoch {st.best_epoch}) "
-                  f"[train {stats['train_seconds']:.1f}s, eval {eval_seconds:.1f}s]")
+                  f"[train {stats['train_seconds']:.1f}s, eval {eval_seconds:.1f}s{time_left}]")
 
         tmp = tempfile.mkdtemp(prefix=f"imram_ckpt_r{rank}_")
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from ray.tune import Callback
 from imram_dist.config import Config, from_dict, to_dict
 from imram_dist.tracking.runs import EPOCH_METRICS, flat_config
 from imram_dist.tracking.writer import RunRef, RunWriter
+from imram_dist.train.recipe import format_duration
 from imram_dist.tune.space import SearchSpace, trial_config
 
 TRIAL_TAG = "imram.trial_id"
@@ -73,6 +75,7 @@ class ProgressPrinter(Callback):
 
     def __init__(self, cfg: Config, space: SearchSpace, log: Callable[[str], None] = print):
         self.epochs, self.metric, self.log = cfg.train.epochs, cfg.tune.metric, log
+        self.total, self.started = cfg.tune.trials, time.monotonic()
         self.best: tuple[float, str] = (-math.inf, "")
         self.stopped: set[str] = set()
 
@@ -99,8 +102,13 @@ class ProgressPrinter(Callback):
         done = sum(t.status == "TERMINATED" for t in trials)
         running = sum(t.status == "RUNNING" for t in trials)
         failed = sum(t.status == "ERROR" for t in trials)
+        ended = done + failed
+        elapsed = time.monotonic() - self.started
+        # at the pace so far (early stops make it pessimistic late in a search, optimistic early)
+        pace = (f", about {format_duration(elapsed / ended * (self.total - ended))} left"
+                if 0 < ended < self.total else "")
         return (f"{done} done ({len(self.stopped)} stopped early), {running} running, {failed} failed, "
-                f"{len(trials) - done - running - failed} pending")
+                f"{max(self.total - ended - running, 0)} pending | {format_duration(elapsed)} elapsed{pace}")
 
 
 def error_text(trial: Any) -> str:
