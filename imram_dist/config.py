@@ -520,12 +520,16 @@ def _raise_first(cfg: Any, checks: list[tuple[str, bool, str]], strip: str = "")
             raise ConfigError(f"{key}: expected {expected}, got {_get(cfg, key.removeprefix(strip))!r}")
 
 
+def _check_types(section: Any, prefix: str) -> None:
+    for name, tp in _field_types(type(section)).items():
+        setattr(section, name, _coerce(f"{prefix}{name}", getattr(section, name), tp))
+
+
 def validate_model(m: ModelConfig, prefix: str = "model.", built: bool = False) -> None:
     """The value checks of a model config (also run by validate); built=True is the model's own
     check: the vocabulary size must then be known (0 means 'from the dataset'). A ModelConfig
     built in Python has had no type check yet, so every field's type is checked here too."""
-    for name, tp in _field_types(ModelConfig).items():
-        setattr(m, name, _coerce(f"{prefix}{name}", getattr(m, name), tp))
+    _check_types(m, prefix)
     checks = _model_checks(m, prefix)
     if built:
         checks.append((f"{prefix}vocab_size", m.vocab_size >= 1,
@@ -545,10 +549,31 @@ def model_config(data: dict[str, Any], where: str = "model_config") -> ModelConf
     return m
 
 
+# the synthetic generator's object and attribute vocabularies (imram_dist/data/synth.py asserts
+# its lists have these lengths)
+SYNTH_OBJECT_TYPES, SYNTH_ATTRIBUTE_TYPES = 24, 10
+
+
+def validate_synth(s: SynthConfig, prefix: str = "data.synth.") -> None:
+    """The type and value checks of the synthetic corpus's knobs (also run by validate and by the
+    generator, which may be handed a SynthConfig built in Python)."""
+    _check_types(s, prefix)
+    per_object = 3 if s.binding == "key" else 2  # key binding: 2 object regions + 1 attribute region each
+    _raise_first(s, [
+        (f"{prefix}object_types", 1 <= s.object_types <= SYNTH_OBJECT_TYPES, f"1..{SYNTH_OBJECT_TYPES}"),
+        (f"{prefix}attribute_types", 2 <= s.attribute_types <= SYNTH_ATTRIBUTE_TYPES, f"2..{SYNTH_ATTRIBUTE_TYPES}"),
+        (f"{prefix}min_objects", 1 <= s.min_objects <= s.max_objects, f"1..max_objects ({s.max_objects})"),
+        (f"{prefix}max_objects", s.max_objects <= s.attribute_types, f"at most attribute_types ({s.attribute_types})"),
+        (f"{prefix}regions", s.regions >= per_object * s.max_objects,
+         f"at least {per_object} x max_objects = {per_object * s.max_objects} with binding={s.binding!r}"),
+    ], strip=prefix)
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express."""
     checks = _model_checks(cfg.model, "model.") + [
-        ("train.zero_stage", cfg.train.zero_stage in (0, 1, 2), "0, 1 or 2"),
+        ("train.zero_stage", cfg.train.zero_stage in (0, 1, 2),
+         "0, 1 or 2 (ZeRO-3 is not supported: scoring calls into submodules)"),
         ("train.epochs", cfg.train.epochs >= 1, "at least 1"),
         ("train.grad_accum", cfg.train.grad_accum >= 1, "at least 1"),
         ("train.lr", cfg.train.lr > 0, "positive"),
@@ -567,8 +592,14 @@ def validate(cfg: Config) -> None:
         ("tune.reduction_factor", cfg.tune.reduction_factor >= 2, "at least 2"),
         ("tune.max_concurrent", cfg.tune.max_concurrent >= 0, "0 (auto) or more"),
         ("tune.name", bool(cfg.tune.name) and "/" not in cfg.tune.name, "a non-empty name without '/'"),
+        ("run.name", bool(cfg.run.name) and "/" not in cfg.run.name, "a non-empty name without '/'"),
+        ("run.keep_checkpoints", cfg.run.keep_checkpoints >= 1, "at least 1"),
+        ("run.max_failures", cfg.run.max_failures >= -1, "-1 (forever) or more"),
+        ("cluster.cpus_per_worker", cfg.cluster.cpus_per_worker >= 1 or cfg.cluster.use_gpu,
+         "at least 1 (on CPU workers)"),
     ]
     _raise_first(cfg, checks)
+    validate_synth(cfg.data.synth)
 
 
 def _get(cfg: Any, dotted: str) -> Any:

@@ -3,6 +3,8 @@ type-checked, and bad keys or values name the key."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from imram_dist.config import (
@@ -112,3 +114,28 @@ def test_parse_cli(capsys):
 def test_cli_without_config_uses_the_default_preset():
     assert parse_cli([], "imram_dist.train", "x") == load_config("default")
     assert parse_cli(["model.steps=1"], "imram_dist.train", "x").model.image_dim == load_config("default").model.image_dim
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.zero_stage=3", "train.zero_stage: expected 0, 1 or 2 (ZeRO-3 is not supported"),
+    ("run.name=a/b", "run.name: expected a non-empty name without '/', got 'a/b'"),
+    ("run.keep_checkpoints=0", "run.keep_checkpoints: expected at least 1, got 0"),
+    ("run.max_failures=-2", "run.max_failures: expected -1 (forever) or more, got -2"),
+    ("data.synth.regions=5", "data.synth.regions: expected at least 2 x max_objects = 8 with binding='joint', got 5"),
+    ("data.synth.min_objects=5", "data.synth.min_objects: expected 1..max_objects (4), got 5"),
+])
+def test_value_checks_run_wherever_a_config_is_built(override, message):
+    """One set of value checks: the CLI parser, from_dict (saved configs) and the generator all hit it."""
+    from imram_dist.config import from_dict, to_dict
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("default", [override])
+    key, value = override.split("=")
+    raw = to_dict(load_config("default"))
+    section = raw
+    *path, leaf = key.split(".")
+    for part in path:
+        section = section[part]
+    section[leaf] = type(section[leaf])(value)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_dict(raw)

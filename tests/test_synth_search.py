@@ -145,9 +145,10 @@ def test_attribute_is_bound_only_through_the_key():
 
 
 def test_keyed_corpus_needs_room_for_attribute_regions():
-    with pytest.raises(ValueError, match=r"binding='key' needs regions \(8\) >= 3 \* max_objects \(12\)"):
+    with pytest.raises(ValueError, match=r"data.synth.regions: expected at least 3 x max_objects = 12 with "
+                                         r"binding='key', got 8"):
         World(tiny_synth_cfg(binding="key"))  # tiny: 8 regions, up to 4 objects
-    with pytest.raises(ValueError, match="binding must be 'joint' or 'key', got 'loose'"):
+    with pytest.raises(ValueError, match=r"data.synth.binding: expected one of .*'joint'.*got 'loose'"):
         World(dataclasses.replace(tiny_synth_cfg(), binding="loose"))
 
 

@@ -31,6 +31,7 @@ import tempfile
 
 import numpy as np
 
+from ..config import SYNTH_ATTRIBUTE_TYPES, SYNTH_OBJECT_TYPES, validate_synth
 from .io import atomic_write_bytes, unique_tmp_path
 from .shards import MANIFEST, Manifest, ShardInfo, ShardWriter, SplitInfo, read_manifest, write_manifest
 from .tokenize import build_vocab
@@ -42,6 +43,7 @@ OBJECTS = [("dog", "puppy"), ("cat", "kitten"), ("car", "automobile"), ("ball",)
            ("vase", "jar"), ("truck", "lorry"), ("bench",)]
 ATTRIBUTES = [("red", "crimson"), ("blue",), ("green",), ("yellow", "golden"), ("black", "dark"),
               ("white", "pale"), ("small", "little"), ("large", "big"), ("striped",), ("wooden",)]
+assert (len(OBJECTS), len(ATTRIBUTES)) == (SYNTH_OBJECT_TYPES, SYNTH_ATTRIBUTE_TYPES), "update imram_dist/config.py"
 PHRASES = ["a {a} {o}", "a {o} that is {a}", "one {a} {o}", "a {o} which looks {a}"]
 TEMPLATES = ["{L} .", "a photo of {L} .", "there is {L} in the picture .", "an image showing {L} .",
              "we can see {L} here", "this scene contains {L} .", "{L} are visible in the image ."]
@@ -59,17 +61,7 @@ class World:
     """Latents and the fixed random non-linear renderer, from the seed alone."""
 
     def __init__(self, cfg):
-        if not 1 <= cfg.object_types <= len(OBJECTS) or not 2 <= cfg.attribute_types <= len(ATTRIBUTES):
-            raise ValueError(f"object_types must be 1..{len(OBJECTS)}, attribute_types 2..{len(ATTRIBUTES)}")
-        if cfg.max_objects > cfg.attribute_types or cfg.min_objects < 1 or cfg.min_objects > cfg.max_objects:
-            raise ValueError("need 1 <= min_objects <= max_objects <= attribute_types")
-        if 2 * cfg.max_objects > cfg.regions:
-            raise ValueError(f"regions ({cfg.regions}) must be at least 2 * max_objects ({2 * cfg.max_objects})")
-        if cfg.binding not in ("joint", "key"):
-            raise ValueError(f"binding must be 'joint' or 'key', got {cfg.binding!r}")
-        if cfg.binding == "key" and 3 * cfg.max_objects > cfg.regions:
-            raise ValueError(f"binding='key' needs regions ({cfg.regions}) >= 3 * max_objects "
-                             f"({3 * cfg.max_objects}): up to 2 object regions + 1 attribute region each")
+        validate_synth(cfg)  # the config's checks (a SynthConfig built in Python has had none)
         rng = np.random.default_rng([cfg.seed, 7919])
         self.obj = rng.standard_normal((cfg.object_types, LATENT))
         self.att = rng.standard_normal((cfg.attribute_types, LATENT))
