@@ -28,9 +28,11 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# imram_dist before torch: importing it turns on torch's huge pages (see imram_dist/__init__.py)
+import imram_dist  # noqa: E402, F401, I001
+import torch  # noqa: E402
 
 from imram_dist.config import EvalConfig, ModelConfig  # noqa: E402
 

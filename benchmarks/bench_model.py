@@ -31,10 +31,11 @@ import subprocess
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# imram_dist before torch: importing it turns on torch's huge pages (see imram_dist/__init__.py)
+import imram_dist  # noqa: E402, I001
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from imram_dist.config import ModelConfig  # noqa: E402
 from imram_dist.model import IMRAM, hinge_loss, kernels  # noqa: E402
 
@@ -65,8 +66,10 @@ def machine() -> str:
     except OSError:
         pass
     bf16 = [fl for fl in ("amx_bf16", "amx_tile", "avx512_bf16") if fl in flags]
+    memory = ", ".join(f"{env}={os.environ.get(env, 'unset')}"
+                       for env in (imram_dist.HUGE_PAGES_ENV, imram_dist.KEEP_FREED_MEMORY_ENV))
     return (f"{name}, {os.cpu_count()} CPUs, bf16 support: {' '.join(bf16) or 'none (no AMX/AVX512-BF16)'}; "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads; memory settings: {memory}")
 
 
 # ------------------------------------------------------------------ the authors' structure
@@ -222,6 +225,7 @@ def scoring(args) -> None:
 TRAIN_PATHS = {  # name: (autocast dtype or None, kernels, use the per-caption loop)
     "loop fp32": (None, "eager", True),
     "fp32 eager": (None, "eager", False),
+    "fp32 fused": (None, "fused", False),
     "bf16 autocast eager": (torch.bfloat16, "eager", False),
     "bf16 autocast fused": (torch.bfloat16, "fused", False),
 }
@@ -323,7 +327,7 @@ def training(args) -> None:
         if loop:
             print(f"| per-caption loop, fp32 | {med[p]:.2f} | 1.0x | | |")
             continue
-        auto = " (auto)" if kernels.auto_choice(torch.device("cpu"), ac or torch.float32) == kern else ""
+        auto = " (auto)" if kernels.auto_choice(torch.device("cpu"), ac or torch.float32, True, D) == kern else ""
         print(f"| {p}{auto} | {med[p]:.2f} | {loop_s / med[p]:.1f}x | {fl / med[p] / 1e9:.0f} | "
               f"{100 * fl / med[p] / 1e9 / rate[ac]:.0f}% |", flush=True)
     if args.no_memory:

@@ -58,14 +58,17 @@ class ModelConfig:
     """Hinge triplet loss margin."""
     max_violation: bool = True
     """Hardest in-batch negative (VSE++); False sums all violations."""
-    score_memory_mb: float = 1024.0
-    """Memory budget (MB) for one chunk of pair scoring; larger chunks are faster, and under autograd
-    each chunk is recomputed in backward (activation checkpointing) so training memory stays near it."""
+    score_memory_mb: float = 2048.0
+    """Memory budget (MB) for one chunk of pair scoring; larger chunks are faster. Under autograd, when
+    the pairs need more than one chunk, each chunk is recomputed in backward (activation checkpointing)
+    so training memory stays near it; the default fits a batch of 32 (1,024 pairs at paper sizes) in one
+    chunk, with nothing recomputed."""
     compile_scoring: bool = False
     """torch.compile the pair-scoring core (fuses the elementwise passes; costs a compile on first use)."""
     kernels: Literal["auto", "eager", "fused"] = "auto"
     """Elementwise kernels of pair scoring: eager (the reference), fused (compiled memory update), or auto
-    (fused for bf16/fp16 and CUDA where a compiler is available, eager for CPU fp32)."""
+    (fused for bf16/fp16, CUDA and CPU fp32 training at embed_size >= 512 where a compiler is available;
+    eager for CPU fp32 scoring and small models)."""
 
 
 @dataclass

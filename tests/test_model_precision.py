@@ -161,8 +161,16 @@ def test_kernel_choice():
     assert kernels.select("auto", cpu, torch.float32) is kernels.EAGER
     assert kernels.select("eager", cpu, torch.bfloat16) is kernels.EAGER
     assert kernels.select("fused", cpu, torch.float32) is kernels.FUSED
-    assert kernels.select("auto", cpu, torch.bfloat16) is (kernels.FUSED if kernels.fused_available(cpu)
-                                                           else kernels.EAGER)
+    fused = kernels.FUSED if kernels.fused_available(cpu) else kernels.EAGER
+    assert kernels.select("auto", cpu, torch.bfloat16) is fused
+    # CPU fp32 training: fused at paper widths, eager for small models (the compile would dominate)
+    wide = kernels.FUSED_FP32_TRAIN_MIN_WIDTH
+    assert kernels.select("auto", cpu, torch.float32, grad=True, width=wide) is fused
+    assert kernels.select("auto", cpu, torch.float32, grad=True, width=wide - 1) is kernels.EAGER
+    assert kernels.select("auto", cpu, torch.float32, grad=False, width=wide) is kernels.EAGER
+    model = IMRAM(ModelConfig(vocab_size=10, embed_size=wide, image_dim=8, word_dim=4))
+    assert model.kernels_for(cpu, torch.float32, grad=True) is fused
+    assert model.kernels_for(cpu, torch.float32, grad=False) is kernels.EAGER
     with pytest.raises(ValueError, match="kernels: expected one of"):
         make(kern="triton")
 

@@ -65,12 +65,13 @@ class IMRAM(nn.Module):
             raise ValueError(f"kernels: expected one of {list(KERNEL_CHOICES)}, got {kernels!r}")
         self.kernels = kernels
 
-    def kernels_for(self, device: torch.device, dtype: torch.dtype) -> kernels.Kernels:
-        """The elementwise kernels that scoring uses on this device in this compute dtype. The whole
-        compiled core (config.compile_scoring, no grad) traces the eager reference itself."""
-        if self.config.compile_scoring and not torch.is_grad_enabled():
+    def kernels_for(self, device: torch.device, dtype: torch.dtype, grad: bool = False) -> kernels.Kernels:
+        """The elementwise kernels that scoring uses on this device in this compute dtype, with or
+        without autograd. The whole compiled core (config.compile_scoring, no grad) traces the eager
+        reference itself."""
+        if self.config.compile_scoring and not grad:
             return kernels.EAGER
-        return kernels.select(self.kernels, device, dtype)
+        return kernels.select(self.kernels, device, dtype, grad, self.config.embed_size)
 
     def _block_fn(self, grad: bool):
         """The scoring core for one block: eager, or (no grad, config.compile_scoring) compiled once
@@ -198,7 +199,7 @@ class IMRAM(nn.Module):
         n_chunks = math.ceil(N / n_blk) * math.ceil(M / m_blk)
         fn = functools.partial(self._block_fn(grad), text=text, image=image, steps=c.steps,
                                lam=float(c.lambda_softmax), renorm=bool(c.renorm_query),
-                               kern=self.kernels_for(device, dtype))
+                               kern=self.kernels_for(device, dtype, grad))
         Wx_t = mdu_t[0] if text else None
         Wx_i = mdu_i[0] if image else None
         rows = []

@@ -207,6 +207,9 @@ def bytes_per_pair(R: int, mean_words: float, L: int, d: int, steps: int, text: 
     """Working-set estimate of one pair inside a block (what sizes the chunks)."""
     rows = (R if image else 0) + (mean_words if text else 0)
     att = (R * L if image else 0) + (R * mean_words if text else 0)
-    if grad:  # everything autograd saves for K steps (recomputed per chunk in backward)
-        return elem * (rows * d * (8 * max(steps - 1, 0) + 2) + att * 10 * steps)
+    if grad:  # what autograd saves for K steps: per query row and memory update the gate's
+        # pre-activation (2d) and the new query (d), plus the first-step operands; measured at paper
+        # sizes (benchmarks/bench_model.py, peak RSS against pairs per chunk): 1.5 MB/pair fused,
+        # 1.7 MB/pair eager in fp32, this formula 1.7 MB/pair
+        return elem * (rows * d * (3 * max(steps - 1, 0) + 2) + att * 10 * steps)
     return elem * (rows * d * 6 + att * 8)

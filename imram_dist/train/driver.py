@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from imram_dist import HUGE_PAGES_ENV, KEEP_FREED_MEMORY_ENV
 from imram_dist.config import Config, ConfigError, to_dict
 from imram_dist.train.checkpoints import WEIGHTS_FILE, prune_checkpoints, scan_checkpoints
 from imram_dist.train.plan import (
@@ -65,6 +66,16 @@ def prepare_data(cfg: Config) -> tuple[str, Any, Any]:
     return root, manifest, vocab
 
 
+def job_env(cfg: Config) -> dict[str, str]:
+    """Environment variables every Ray worker of the job gets (its runtime_env): workers on other
+    nodes do not inherit this process's environment. DeepSpeed's CPU accelerator without GPUs, and
+    the memory settings as this process has them (see imram_dist/__init__.py)."""
+    env = {"DS_ACCELERATOR": "cpu"} if not cfg.cluster.use_gpu else {}
+    for name in (HUGE_PAGES_ENV, KEEP_FREED_MEMORY_ENV):
+        env[name] = os.environ.get(name, "1")
+    return env
+
+
 def ensure_ray(cfg: Config, local_resources: dict[str, float] | None = None, dashboard: bool = False,
                log_to_driver: bool = True) -> None:
     """Join cluster.address (or RAY_ADDRESS; "auto" joins a `ray start` cluster on this machine),
@@ -73,10 +84,10 @@ def ensure_ray(cfg: Config, local_resources: dict[str, float] | None = None, das
 
     if ray.is_initialized():
         return
-    env = {"DS_ACCELERATOR": "cpu"} if not cfg.cluster.use_gpu else {}
+    env = job_env(cfg)
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=log_to_driver)
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=log_to_driver)
     else:
         start_local_ray(resources=local_resources, dashboard=dashboard, env=env, log_to_driver=log_to_driver)
 
