@@ -118,6 +118,17 @@ def _renorm(X: torch.Tensor) -> torch.Tensor:
     return X.div_(torch.linalg.vector_norm(X, dim=-1, keepdim=True).add_(EPS))
 
 
+def later_update(kern: Kernels, proj: torch.Tensor, X: torch.Tensor, w: torch.Tensor,
+                 ctx: torch.Tensor) -> torch.Tensor:
+    """The memory update of a later step: query projection proj = W_x x_k (a fresh matmul output)
+    plus the context projection w @ (C W_c^T + b). Without autograd the eager update adds the latter
+    inside the batched matmul's output (baddbmm_: one pass over proj instead of a second [.., 2d]
+    tensor written, then read back by the add)."""
+    if kern is EAGER and not (torch.is_grad_enabled() and (proj.requires_grad or w.requires_grad)):
+        return kern.gate(proj.baddbmm_(w, ctx), X)
+    return kern.gate(proj, X, torch.bmm(w, ctx))
+
+
 def text_direction(V, Gv, VWc, Wp, Wpn, WpWx, seg, lens, Wx, *, m: int, steps: int, lam: float,
                    renorm: bool, kern: Kernels = EAGER) -> torch.Tensor:
     """Text-IMRAM for n images x m captions whose T real words are packed in Wp; returns [n, m]
@@ -148,7 +159,7 @@ def text_direction(V, Gv, VWc, Wp, Wpn, WpWx, seg, lens, Wx, *, m: int, steps: i
             if k == 0:  # first-step query projection: per caption, broadcast over the images
                 X = kern.gate(torch.bmm(w, VWc), Wp.unsqueeze(0), WpWx.unsqueeze(0))
             else:
-                X = kern.gate((X.reshape(n * T, d) @ Wx.t()).view(n, T, 2 * d), X, torch.bmm(w, VWc))
+                X = later_update(kern, (X.reshape(n * T, d) @ Wx.t()).view(n, T, 2 * d), X, w, VWc)
             if renorm:
                 X = _renorm(X)
     return score
@@ -179,7 +190,7 @@ def image_direction(V, Vn, VWx, W, mask, Gw, WWc, Wx, *, steps: int, lam: float,
             if k == 0:  # first-step query projection: per image, broadcast over the captions
                 X = kern.gate(torch.bmm(w, WWc), V.reshape(1, n * R, d), VWx.reshape(1, n * R, 2 * d))
             else:
-                X = kern.gate((X.reshape(m * n * R, d) @ Wx.t()).view(m, n * R, 2 * d), X, torch.bmm(w, WWc))
+                X = later_update(kern, (X.reshape(m * n * R, d) @ Wx.t()).view(m, n * R, 2 * d), X, w, WWc)
             if renorm:
                 X = _renorm(X)
     return score.t()
