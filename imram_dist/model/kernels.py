@@ -90,7 +90,9 @@ def _gate_bwd(pre: torch.Tensor, q: torch.Tensor, grad: torch.Tensor) -> tuple[t
     o = 2 * r - 1
     d_g = gr * (q.to(acc) - o) * g * (1 - g)
     d_o = gr * (1 - g) * 4 * r * (1 - r)
-    return torch.cat([d_g, d_o], -1).to(pre.dtype), (gr * g).to(q.dtype)
+    # round each half before the concatenation: inductor then writes both straight into the
+    # half-precision output (a cat of fp32 halves made it write a full fp32 copy and convert it)
+    return torch.cat([d_g.to(pre.dtype), d_o.to(pre.dtype)], -1), (gr * g).to(q.dtype)
 
 
 # Dynamic shapes: every block size (and a new batch size) reuses the same kernels; what still
@@ -125,7 +127,7 @@ class _FusedGate(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         pre, q = ctx.saved_tensors
         a_shape, b_shape = ctx.shapes
-        d_pre, d_q = _call("bwd", pre, q.expand(grad.shape), grad.contiguous())
+        d_pre, d_q = _call("bwd", pre, q, grad.contiguous())  # q may broadcast (size-1 leading dim)
         d_a = d_pre.sum_to_size(a_shape) if ctx.needs_input_grad[0] else None
         d_b = d_pre.sum_to_size(b_shape) if ctx.needs_input_grad[2] else None
         d_q = d_q.sum_to_size(q.shape) if ctx.needs_input_grad[1] else None
