@@ -215,7 +215,7 @@ def scoring(args) -> None:
     print(f"| per-caption loop, fp32 | {loop_ms:.3f} | 1.0x | | | |")
     for k, (dt, kern) in paths.items():
         ms = med[k] / (n_img * n_cap) * 1e3
-        auto = " (auto)" if kernels.auto_choice(torch.device("cpu"), dt) == kern else ""
+        auto = " (auto)" if kernels.auto_choice(torch.device("cpu"), dt, D) == kern else ""
         print(f"| {k}{auto} | {ms:.3f} | {loop_ms / ms:.1f}x | {fl / med[k] / 1e9:.0f} | "
               f"{100 * fl / med[k] / 1e9 / rate[dt]:.0f}% | {errs[k]:.1e} |")
 
@@ -327,7 +327,7 @@ def training(args) -> None:
         if loop:
             print(f"| per-caption loop, fp32 | {med[p]:.2f} | 1.0x | | |")
             continue
-        auto = " (auto)" if kernels.auto_choice(torch.device("cpu"), ac or torch.float32, True, D) == kern else ""
+        auto = " (auto)" if kernels.auto_choice(torch.device("cpu"), ac or torch.float32, D) == kern else ""
         print(f"| {p}{auto} | {med[p]:.2f} | {loop_s / med[p]:.1f}x | {fl / med[p] / 1e9:.0f} | "
               f"{100 * fl / med[p] / 1e9 / rate[ac]:.0f}% |", flush=True)
     if args.no_memory:

@@ -67,8 +67,8 @@ class ModelConfig:
     """torch.compile the pair-scoring core (fuses the elementwise passes; costs a compile on first use)."""
     kernels: Literal["auto", "eager", "fused"] = "auto"
     """Elementwise kernels of pair scoring: eager (the reference), fused (compiled memory update), or auto
-    (fused for bf16/fp16, CUDA and CPU fp32 training at embed_size >= 512 where a compiler is available;
-    eager for CPU fp32 scoring and small models)."""
+    (fused for bf16/fp16, CUDA and CPU fp32 from embed_size 512 where a compiler is available; eager for
+    smaller CPU fp32 models, where the compile would dominate)."""
 
 
 @dataclass

@@ -163,14 +163,16 @@ def test_kernel_choice():
     assert kernels.select("fused", cpu, torch.float32) is kernels.FUSED
     fused = kernels.FUSED if kernels.fused_available(cpu) else kernels.EAGER
     assert kernels.select("auto", cpu, torch.bfloat16) is fused
-    # CPU fp32 training: fused at paper widths, eager for small models (the compile would dominate)
-    wide = kernels.FUSED_FP32_TRAIN_MIN_WIDTH
-    assert kernels.select("auto", cpu, torch.float32, grad=True, width=wide) is fused
-    assert kernels.select("auto", cpu, torch.float32, grad=True, width=wide - 1) is kernels.EAGER
-    assert kernels.select("auto", cpu, torch.float32, grad=False, width=wide) is kernels.EAGER
-    model = IMRAM(ModelConfig(vocab_size=10, embed_size=wide, image_dim=8, word_dim=4))
-    assert model.kernels_for(cpu, torch.float32, grad=True) is fused
-    assert model.kernels_for(cpu, torch.float32, grad=False) is kernels.EAGER
+    # CPU fp32: fused at paper widths, eager for small models (the compile would dominate)
+    wide = kernels.FUSED_FP32_MIN_WIDTH
+    assert kernels.select("auto", cpu, torch.float32, width=wide) is fused
+    assert kernels.select("auto", cpu, torch.float32, width=wide - 1) is kernels.EAGER
+    assert IMRAM(ModelConfig(vocab_size=10, embed_size=wide, image_dim=8, word_dim=4)).kernels_for(
+        cpu, torch.float32) is fused
+    assert IMRAM(ModelConfig(vocab_size=10, embed_size=wide - 1, image_dim=8, word_dim=4)).kernels_for(
+        cpu, torch.float32, grad=True) is kernels.EAGER
+    compiled = IMRAM(ModelConfig(vocab_size=10, embed_size=wide, image_dim=8, word_dim=4, compile_scoring=True))
+    assert compiled.kernels_for(cpu, torch.float32, grad=False) is kernels.EAGER  # the compiled core traces eager
     with pytest.raises(ValueError, match="kernels: expected one of"):
         make(kern="triton")
 

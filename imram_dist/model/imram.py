@@ -71,7 +71,7 @@ class IMRAM(nn.Module):
         reference itself."""
         if self.config.compile_scoring and not grad:
             return kernels.EAGER
-        return kernels.select(self.kernels, device, dtype, grad, self.config.embed_size)
+        return kernels.select(self.kernels, device, dtype, self.config.embed_size)
 
     def _block_fn(self, grad: bool):
         """The scoring core for one block: eager, or (no grad, config.compile_scoring) compiled once

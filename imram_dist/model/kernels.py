@@ -166,30 +166,27 @@ def fused_available(device: torch.device) -> bool:
     return False
 
 
-# CPU fp32 training uses the fused kernels from this embedding width up: measured faster at paper
-# sizes (d=1024: ~20% per step, benchmarks/bench_model.py); at small widths the passes are cheap next
-# to the compile each process pays (~12 s with a warm inductor cache, ~45 s cold).
-FUSED_FP32_TRAIN_MIN_WIDTH = 512
+# CPU fp32 uses the fused kernels from this embedding width up: measured faster at paper sizes
+# (d=1024, benchmarks/bench_model.py: training steps ~10% faster in every run, scoring 1.5-11% faster
+# in three runs of four); at small widths the passes are cheap next to the compile each process pays
+# (~12 s with a warm inductor cache, ~45 s cold).
+FUSED_FP32_MIN_WIDTH = 512
 
 
-def auto_choice(device: torch.device, dtype: torch.dtype, grad: bool = False, width: int = 0) -> str:
-    """The implementation that was measured faster for this device, compute dtype, mode (``grad``:
-    under autograd) and embedding width.
-
-    CPU fp32/fp64: eager for scoring (matmul-bound: the fused kernel saved too little to pay its
-    compile), and for training below FUSED_FP32_TRAIN_MIN_WIDTH; fused for training from that width
-    (the elementwise passes and the tensors autograd saves weigh more there). CPU bf16/fp16 and
-    CUDA: fused (the elementwise passes dominate)."""
-    if device.type == "cpu" and dtype in (torch.float32, torch.float64) and \
-            not (grad and width >= FUSED_FP32_TRAIN_MIN_WIDTH):
+def auto_choice(device: torch.device, dtype: torch.dtype, width: int = 0) -> str:
+    """The implementation that was measured faster for this device, compute dtype and embedding
+    width: CPU fp32/fp64 below FUSED_FP32_MIN_WIDTH eager (the compile would dominate), fused from
+    there; CPU bf16/fp16 and CUDA fused (the elementwise passes dominate). Fused only where the
+    backend can build kernels."""
+    if device.type == "cpu" and dtype in (torch.float32, torch.float64) and width < FUSED_FP32_MIN_WIDTH:
         return "eager"
     return "fused" if fused_available(device) else "eager"
 
 
-def select(name: str, device: torch.device, dtype: torch.dtype, grad: bool = False, width: int = 0) -> Kernels:
+def select(name: str, device: torch.device, dtype: torch.dtype, width: int = 0) -> Kernels:
     """Kernels by name: "eager", "fused", or "auto" (auto_choice)."""
     if name not in CHOICES:
         raise ValueError(f"kernels: expected one of {list(CHOICES)}, got {name!r}")
     if name == "auto":
-        name = auto_choice(device, dtype, grad, width)
+        name = auto_choice(device, dtype, width)
     return FUSED if name == "fused" else EAGER
