@@ -184,3 +184,13 @@ def test_compiled_scoring_matches_eager_and_oracle():
     torch.testing.assert_close(s.detach(), ref[:, :4], rtol=0, atol=1e-5)
     hinge_loss(s, 0.2, True).backward()
     assert all(torch.isfinite(p.grad).all() for p in comp.parameters() if p.grad is not None)
+
+
+def test_default_budget_trains_a_batch_of_32_at_paper_sizes_in_one_chunk():
+    """model.score_memory_mb's default holds the 1,024 pairs of a batch of 32 (d=1024, R=36, ~12-word
+    captions padded to 16, K=3) in one chunk, so backward recomputes nothing (docs/model.md)."""
+    from imram_dist.model.scoring import bytes_per_pair
+
+    per_pair = bytes_per_pair(36, 12.3, 16, 1024, 3, True, True, 4, grad=True)
+    assert 1.5e6 <= per_pair <= 1.9e6  # the measured peak: 1.5 (fused) - 1.7 (eager) MB per pair
+    assert ModelConfig().score_memory_mb * 2**20 // per_pair >= 32 * 32
