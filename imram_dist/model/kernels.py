@@ -167,7 +167,7 @@ def fused_available(device: torch.device) -> bool:
 
 
 # CPU fp32 uses the fused kernels from this embedding width up: at paper sizes (d=1024,
-# benchmarks/bench_model.py) training steps were 10-25% faster in every run, and scoring was a wash
+# benchmarks/bench_model.py) training steps were 6-23% faster in every run, and scoring was a wash
 # (from 4% slower to 11% faster over five runs), so one rule for both; at small widths the passes are
 # cheap next to the compile each process pays (~12 s with a warm inductor cache, ~45 s cold).
 FUSED_FP32_MIN_WIDTH = 512

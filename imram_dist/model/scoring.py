@@ -219,8 +219,8 @@ def bytes_per_pair(R: int, mean_words: float, L: int, d: int, steps: int, text: 
     rows = (R if image else 0) + (mean_words if text else 0)
     att = (R * L if image else 0) + (R * mean_words if text else 0)
     if grad:  # what autograd saves for K steps: per query row and memory update the gate's
-        # pre-activation (2d) and the new query (d), plus the first-step operands; measured at paper
-        # sizes (benchmarks/bench_model.py, peak RSS against pairs per chunk): 1.5 MB/pair fused,
-        # 1.7 MB/pair eager in fp32, this formula 1.7 MB/pair
+        # pre-activation (2d) and the new query (d), plus the first-step operands. Measured at paper
+        # sizes, fp32, from the peak RSS of a batch-32 step in one chunk against four chunks:
+        # 1.5 MB/pair fused, 1.7 MB/pair eager; this formula gives 1.7 MB/pair
         return elem * (rows * d * (3 * max(steps - 1, 0) + 2) + att * 10 * steps)
     return elem * (rows * d * 6 + att * 8)
