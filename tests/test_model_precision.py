@@ -161,6 +161,13 @@ def test_kernel_choice():
     assert kernels.select("auto", cpu, torch.float32) is kernels.EAGER
     assert kernels.select("eager", cpu, torch.bfloat16) is kernels.EAGER
     assert kernels.select("fused", cpu, torch.float32) is kernels.FUSED
+    assert kernels.select("fused", cpu, torch.float32, matmul="onednn") is kernels.FUSED_ONEDNN
+    assert kernels.select("eager", cpu, torch.float32, matmul="onednn") is kernels.EAGER_ONEDNN
+    # oneDNN only replaces torch's fp32 CPU matmul: bf16 (oneDNN inside torch already) and fp64 keep it
+    assert kernels.select("eager", cpu, torch.bfloat16, matmul="onednn") is kernels.EAGER
+    assert kernels.select("eager", cpu, torch.float64, matmul="onednn") is kernels.EAGER
+    with pytest.raises(ValueError, match="fp32_matmul: expected one of"):
+        kernels.select("eager", cpu, torch.float32, matmul="mkl")
     fused = kernels.FUSED if kernels.fused_available(cpu) else kernels.EAGER
     assert kernels.select("auto", cpu, torch.bfloat16) is fused
     # CPU fp32: fused at paper widths, eager for small models (the compile would dominate)
@@ -168,9 +175,9 @@ def test_kernel_choice():
     assert kernels.select("auto", cpu, torch.float32, width=wide) is fused
     assert kernels.select("auto", cpu, torch.float32, width=wide - 1) is kernels.EAGER
     assert IMRAM(ModelConfig(vocab_size=10, embed_size=wide, image_dim=8, word_dim=4)).kernels_for(
-        cpu, torch.float32) is fused
+        cpu, torch.float32).gate is fused.gate  # (the fp32 matmul backend depends on the CPU's vendor)
     assert IMRAM(ModelConfig(vocab_size=10, embed_size=wide - 1, image_dim=8, word_dim=4)).kernels_for(
-        cpu, torch.float32, grad=True) is kernels.EAGER
+        cpu, torch.float32, grad=True).gate is kernels.gate_eager
     compiled = IMRAM(ModelConfig(vocab_size=10, embed_size=wide, image_dim=8, word_dim=4, compile_scoring=True))
     assert compiled.kernels_for(cpu, torch.float32, grad=False) is kernels.EAGER  # the compiled core traces eager
     with pytest.raises(ValueError, match="kernels: expected one of"):
@@ -211,3 +218,66 @@ def test_fused_bf16_is_at_least_as_accurate_as_eager_bf16(encoded):
         f = fused.similarity(img.bfloat16(), cap.bfloat16(), lengths)
     assert max_err(f, exact) <= 3 * yardstick + 2 * SPACING[torch.bfloat16]
     assert max_err(f, e) <= 2 * (yardstick + SPACING[torch.bfloat16])
+
+
+# ----------------------------------------------------------------------------- oneDNN fp32 matmul
+
+def test_auto_matmul_takes_onednn_for_fp32_on_x86_cpus_not_made_by_intel(monkeypatch):
+    cpu = torch.device("cpu")
+    assert kernels.onednn_available()  # the CPU build of torch the project installs has it
+    for vendor, want in (("AuthenticAMD", "onednn"), ("HygonGenuine", "onednn"), ("GenuineIntel", "torch"),
+                         ("", "torch")):
+        monkeypatch.setattr(kernels, "cpu_vendor", lambda v=vendor: v)
+        assert kernels.matmul_choice(cpu, torch.float32) == want, vendor
+        assert kernels.matmul_choice(cpu, torch.bfloat16) == "torch"
+        assert kernels.matmul_choice(cpu, torch.float64) == "torch"
+        assert kernels.matmul_choice(torch.device("cuda"), torch.float32) == "torch"
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: "AuthenticAMD")
+    model = make(fp32_matmul="auto")
+    assert model.kernels_for(cpu, torch.float32).linear is kernels.linear_onednn
+    assert model.kernels_for(cpu, torch.bfloat16).linear is kernels.linear_torch
+
+
+def test_onednn_linear_matches_torch_matmul_with_gradients():
+    """Forward and both gradients against torch's matmul on a strided 2-D input (what the eager
+    update hands over: a view on the second half of its buffer) and a 3-D one; fp32 differs from MKL
+    only in summation order, so the bound is a few fp32 ulps of the output scale."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 32, generator=g)
+    for x in (torch.randn(70, 64, generator=g)[:, 32:], torch.randn(3, 11, 32, generator=g)):
+        xa, wa = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        xb, wb = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        out_a, out_b = kernels.linear_onednn(xa, wa), kernels.linear_torch(xb, wb)
+        torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
+        up = torch.randn(out_b.shape, generator=g)
+        (out_a * up).sum().backward()
+        (out_b * up).sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(wa.grad, wb.grad, rtol=1e-5, atol=1e-4)
+    with torch.no_grad():  # the no-grad path is the plain op
+        torch.testing.assert_close(kernels.linear_onednn(x, weight), x @ weight.t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kern", ["eager", "fused"])
+def test_onednn_projection_scores_and_gradients_match_torch_matmul_and_the_oracle(kern):
+    """The model with fp32_matmul=onednn against fp32_matmul=torch (same weights): scores and every
+    parameter's gradient, through the chunked/checkpointed path, and the scores against the fp64
+    oracle."""
+    ref = make("full", score_memory_mb=0.02, fp32_matmul="torch")
+    one = make("full", score_memory_mb=0.02, fp32_matmul="onednn", kern=kern)
+    regions, tokens, lengths = batch(N=5, M=5)
+    assert one.kernels_for(torch.device("cpu"), torch.float32, grad=True).linear is kernels.linear_onednn
+    s_ref, s_one = ref(regions, tokens, lengths), one(regions, tokens, lengths)
+    torch.testing.assert_close(s_one, s_ref, rtol=0, atol=2e-6)
+    with torch.no_grad():
+        exact = oracle.forward(copy.deepcopy(ref).double(), regions.double(), tokens, lengths)
+    # as close to the exact scores as torch's fp32 matmul is, up to a few fp32 ulps (scores ~1)
+    assert max_err(s_one, exact) <= 2 * max_err(s_ref, exact) + 1e-6, (max_err(s_one, exact), max_err(s_ref, exact))
+    hinge_loss(s_ref, 0.2, False).backward()
+    hinge_loss(s_one, 0.2, False).backward()
+    for (name, pr), po in zip(ref.named_parameters(), one.parameters()):
+        gr = torch.zeros_like(pr) if pr.grad is None else pr.grad
+        go = torch.zeros_like(po) if po.grad is None else po.grad
+        # relative to the gradient's scale: a few entries are ill-conditioned (see the module docstring)
+        err, scale = float((go - gr).abs().max()), float(gr.abs().max())
+        assert err <= 1e-4 * scale + 1e-9, (name, err, scale)

@@ -68,10 +68,10 @@ class IMRAM(nn.Module):
     def kernels_for(self, device: torch.device, dtype: torch.dtype, grad: bool = False) -> kernels.Kernels:
         """The elementwise kernels that scoring uses on this device in this compute dtype, with or
         without autograd. The whole compiled core (config.compile_scoring, no grad) traces the eager
-        reference itself."""
+        reference itself (with torch's matmul)."""
         if self.config.compile_scoring and not grad:
             return kernels.EAGER
-        return kernels.select(self.kernels, device, dtype, self.config.embed_size)
+        return kernels.select(self.kernels, device, dtype, self.config.embed_size, self.config.fp32_matmul)
 
     def _block_fn(self, grad: bool):
         """The scoring core for one block: eager, or (no grad, config.compile_scoring) compiled once

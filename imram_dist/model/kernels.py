@@ -1,4 +1,5 @@
-"""The elementwise kernels of the scoring core: the eager reference and a fused version.
+"""The kernels of the scoring core: the memory update (eager reference, fused version) and the
+backend of the per-pair projection matmul (torch's, or oneDNN's for CPU fp32; see below).
 
 Only one elementwise step of IMRAM touches per-pair tensors of width d (everything else in a
 block is attention-sized, R x L per pair, ~50x smaller): the memory update
@@ -12,10 +13,10 @@ once and writes x_new once, computing in fp32 registers for half precision; unde
 also writes the pre-activation (what the backward needs: sigmoid and tanh are recomputed there
 rather than stored) and its backward is one pass as well.
 
-``select(name, device, dtype)`` picks the implementation; ``"auto"`` uses the fused kernel
-where it was measured faster (benchmarks/bench_model.py prints both) and the backend is
-usable, the eager reference elsewhere. The eager path is the reference the tests check the
-fused one against.
+``select(name, device, dtype, width, matmul)`` picks the implementations; ``"auto"`` uses the
+fused kernel where it was measured faster (benchmarks/bench_model.py prints both) and the backend
+is usable, the eager reference elsewhere, and oneDNN for the fp32 projection where MKL is slow. The
+eager update with torch's matmul is the reference the tests check the others against.
 """
 
 from __future__ import annotations
@@ -53,10 +54,6 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 # AVX-512 here). The arguments are clamped (|g_pre| <= 30, |o_pre| <= 15) so that nothing
 # overflows in fp32; that changes sigmoid/tanh by less than 1e-12, far below fp32 rounding.
 G_CLAMP, O_CLAMP = 30.0, 15.0
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _update(pre: torch.Tensor, q: torch.Tensor, d: int) -> torch.Tensor:
@@ -141,16 +138,100 @@ def gate_fused(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     return _call("fwd", a, q, b)
 
 
+# ------------------------------------------------------------------ the per-pair projection
+# The one matmul paid per pair, x @ W_x^T ([pairs x query rows, d] @ [d, 2d]), is ~90% of the FLOPs of
+# fp32 scoring. torch runs fp32 matmuls on x86 through MKL, whose sgemm takes its AVX2 code on CPUs
+# that are not Intel's: on the AMD EPYC (AVX-512) of benchmarks/bench_model.py it ran at ~190 GFLOP/s
+# where oneDNN's matmul (the library torch already uses for bf16) ran at ~360 GFLOP/s on the same
+# shape. oneDNN's fp32 result is IEEE fp32 (no reduced-precision accumulation); it differs from MKL's
+# only in summation order (~1e-6 relative).
+
+
+def linear_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.t() through torch's matmul (the reference)."""
+    return x @ weight.t()
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """x @ weight.t() with forward and both backward matmuls in oneDNN (weight: [out, in])."""
+
+    @staticmethod
+    def forward(ctx, x, weight):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        return _onednn(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        d_x = _onednn(grad, weight.t()) if ctx.needs_input_grad[0] else None  # grad @ weight
+        d_w = None
+        if ctx.needs_input_grad[1]:  # grad^T @ x, summed over every leading dim
+            d_w = _onednn(grad.reshape(-1, grad.shape[-1]).t(), x.reshape(-1, x.shape[-1]).t())
+        return d_x, d_w
+
+
+def linear_onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.t() in oneDNN (CPU fp32), differentiable."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _OneDNNLinear.apply(x, weight)
+    return _onednn(x, weight)
+
+
+MATMUL_CHOICES = ("auto", "torch", "onednn")
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN's fp32 linear and it agrees with torch's matmul."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x, w = torch.randn(5, 8, dtype=torch.float32), torch.randn(3, 8, dtype=torch.float32)
+        return bool(torch.allclose(_onednn(x, w), x @ w.t(), rtol=1e-5, atol=1e-5))
+    except (RuntimeError, AttributeError):  # op missing or not built for this CPU
+        return False
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The x86 vendor string of this CPU ("GenuineIntel", "AuthenticAMD", ...), "" if unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def matmul_choice(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend "auto" picks for the per-pair projection: oneDNN for CPU fp32 on x86 CPUs other
+    than Intel's (where MKL's sgemm runs its AVX2 code), torch's matmul everywhere else (bf16/fp16 on
+    CPU already go to oneDNN inside torch; fp64 has no oneDNN path)."""
+    if device.type == "cpu" and dtype == torch.float32 and cpu_vendor() not in ("", "GenuineIntel") \
+            and onednn_available():
+        return "onednn"
+    return "torch"
+
+
 @dataclass(frozen=True)
 class Kernels:
-    """A set of elementwise kernels for the scoring core."""
+    """The kernels of the scoring core: the memory update and the per-pair projection."""
 
     name: str
     gate: Callable[..., torch.Tensor]
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = linear_torch
 
 
 EAGER = Kernels("eager", gate_eager)
 FUSED = Kernels("fused", gate_fused)
+EAGER_ONEDNN = Kernels("eager+onednn", gate_eager, linear_onednn)
+FUSED_ONEDNN = Kernels("fused+onednn", gate_fused, linear_onednn)
 
 
 def fused_available(device: torch.device) -> bool:
@@ -183,10 +264,23 @@ def auto_choice(device: torch.device, dtype: torch.dtype, width: int = 0) -> str
     return "fused" if fused_available(device) else "eager"
 
 
-def select(name: str, device: torch.device, dtype: torch.dtype, width: int = 0) -> Kernels:
-    """Kernels by name: "eager", "fused", or "auto" (auto_choice)."""
+def select(name: str, device: torch.device, dtype: torch.dtype, width: int = 0,
+           matmul: str = "torch") -> Kernels:
+    """Kernels by name: the memory update "eager", "fused", or "auto" (auto_choice), and the
+    per-pair projection's backend matmul "torch", "onednn" or "auto" (matmul_choice; "onednn" only
+    applies to CPU fp32, other devices and dtypes keep torch's)."""
     if name not in CHOICES:
         raise ValueError(f"kernels: expected one of {list(CHOICES)}, got {name!r}")
+    if matmul not in MATMUL_CHOICES:
+        raise ValueError(f"fp32_matmul: expected one of {list(MATMUL_CHOICES)}, got {matmul!r}")
     if name == "auto":
         name = auto_choice(device, dtype, width)
-    return FUSED if name == "fused" else EAGER
+    if matmul == "auto":
+        matmul = matmul_choice(device, dtype)
+    onednn = matmul == "onednn" and device.type == "cpu" and dtype == torch.float32
+    if onednn and not onednn_available():
+        raise RuntimeError("fp32_matmul=onednn: this torch build has no usable oneDNN fp32 linear "
+                           "(torch.ops.mkldnn._linear_pointwise); use fp32_matmul=auto or torch")
+    if name == "fused":
+        return FUSED_ONEDNN if onednn else FUSED
+    return EAGER_ONEDNN if onednn else EAGER

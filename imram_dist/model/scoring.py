@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .encoders import EPS, l2norm
-from .kernels import EAGER, Kernels
+from .kernels import EAGER, Kernels, gate_eager
 
 TINY = 1e-30  # floor under squared norms before sqrt: keeps gradients finite, never changes a value
 
@@ -124,7 +124,7 @@ def later_update(kern: Kernels, proj: torch.Tensor, X: torch.Tensor, w: torch.Te
     plus the context projection w @ (C W_c^T + b). Without autograd the eager update adds the latter
     inside the batched matmul's output (baddbmm_: one pass over proj instead of a second [.., 2d]
     tensor written, then read back by the add)."""
-    if kern is EAGER and not (torch.is_grad_enabled() and (proj.requires_grad or w.requires_grad)):
+    if kern.gate is gate_eager and not (torch.is_grad_enabled() and (proj.requires_grad or w.requires_grad)):
         return kern.gate(proj.baddbmm_(w, ctx), X)
     return kern.gate(proj, X, torch.bmm(w, ctx))
 
@@ -159,7 +159,7 @@ def text_direction(V, Gv, VWc, Wp, Wpn, WpWx, seg, lens, Wx, *, m: int, steps: i
             if k == 0:  # first-step query projection: per caption, broadcast over the images
                 X = kern.gate(torch.bmm(w, VWc), Wp.unsqueeze(0), WpWx.unsqueeze(0))
             else:
-                X = later_update(kern, (X.reshape(n * T, d) @ Wx.t()).view(n, T, 2 * d), X, w, VWc)
+                X = later_update(kern, kern.linear(X.reshape(n * T, d), Wx).view(n, T, 2 * d), X, w, VWc)
             if renorm:
                 X = _renorm(X)
     return score
@@ -190,7 +190,7 @@ def image_direction(V, Vn, VWx, W, mask, Gw, WWc, Wx, *, steps: int, lam: float,
             if k == 0:  # first-step query projection: per image, broadcast over the captions
                 X = kern.gate(torch.bmm(w, WWc), V.reshape(1, n * R, d), VWx.reshape(1, n * R, 2 * d))
             else:
-                X = later_update(kern, (X.reshape(m * n * R, d) @ Wx.t()).view(m, n * R, 2 * d), X, w, WWc)
+                X = later_update(kern, kern.linear(X.reshape(m * n * R, d), Wx).view(m, n * R, 2 * d), X, w, WWc)
             if renorm:
                 X = _renorm(X)
     return score.t()
