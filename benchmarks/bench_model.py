@@ -13,8 +13,9 @@ Prints the CPU model and its bf16 support, the load average, and tables:
 - one training step at batch 32 (encoders, all B x B pairs, hinge loss, backward, gradient
   clipping at 2.0, Adam) per path, against the same step through the per-caption loop, with the
   peak RSS of each path measured in a fresh process.
-Every path is timed in interleaved rounds (one call of each per round) and reported as the
-median: the machine is shared, so compare ratios from one run, not times across runs.
+Every path is timed in interleaved rounds (one call of each per round; a training step right
+after an untimed step of the same path) and reported as the median: the machine is shared, so
+compare ratios from one run, not times across runs.
 
 Not a test: it only asserts that the paths agree (fp32 exactly, bf16 within rounding).
 """
@@ -22,6 +23,7 @@ Not a test: it only asserts that the paths agree (fp32 exactly, bf16 within roun
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -153,23 +155,72 @@ def mm_flops() -> float:
 
 # ------------------------------------------------------------------ timing
 
-def interleaved(fns: dict, rounds: int) -> dict:
-    """One call of each function per round, after one warm-up call each; median seconds."""
+def interleaved(fns: dict, rounds: int, untimed: int = 0) -> dict:
+    """One timed call of each function per round, after one warm-up call each; median seconds.
+    With untimed > 0 each timed call comes right after that many untimed calls of the same function:
+    a training step that follows another path's step often finds the allocator's free lists laid out
+    for that path and takes fresh memory (page faults, up to ~1 s per step here); a training loop
+    runs the same step again and again, so the step after a step is what it sees."""
     for f in fns.values():
         f()
     ts = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
+            for _ in range(untimed):
+                f()
             t = time.perf_counter()
             f()
             ts[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in ts.items()}
 
 
-def with_kernels(model: IMRAM, name: str) -> IMRAM:
-    m = IMRAM(model.config, kernels=name)
+def with_kernels(model: IMRAM, name: str, matmul: str) -> IMRAM:
+    m = IMRAM(dataclasses.replace(model.config, fp32_matmul=matmul), kernels=name)
     m.load_state_dict(model.state_dict())
     return m.train(model.training)
+
+
+def auto_mark(dtype: torch.dtype, kern: str, matmul: str) -> str:
+    """" (auto)" on the path that the defaults (kernels=auto, fp32_matmul=auto) pick here."""
+    cpu = torch.device("cpu")
+    auto = kernels.select("auto", cpu, dtype, D, "auto")
+    this = kernels.select(kern, cpu, dtype, D, matmul)
+    return " (auto)" if auto is this else ""
+
+
+# The dense matmul whose rate the paths are compared with, in each backend torch offers on CPU:
+# torch's own (MKL for fp32 on x86, oneDNN for bf16) and oneDNN's fp32 linear (what
+# fp32_matmul=onednn runs); "% of same-dtype matmul" is against the faster of the fp32 two.
+def dense_matmuls() -> dict:
+    bf = torch.bfloat16
+    a32, w32 = torch.randn(MM[0], MM[1]), torch.randn(MM[2], MM[1])
+    a16, w16 = a32.to(bf), w32.to(bf)
+    fns = {"mm fp32": lambda: a32 @ w32.t(), "mm bf16": lambda: a16 @ w16.t()}
+    if kernels.onednn_available():
+        fns["mm fp32 onednn"] = lambda: kernels.linear_onednn(a32, w32)
+    return fns
+
+
+def matmul_rates(med: dict) -> dict:
+    """GFLOP/s per dtype (fp32: the faster backend), plus each backend's under its own key."""
+    out = {k: mm_flops() / med[k] / 1e9 for k in med if k.startswith("mm ")}
+    out[torch.float32] = max(v for k, v in out.items() if k.startswith("mm fp32"))
+    out[torch.bfloat16] = out["mm bf16"]
+    return out
+
+
+def describe_rates(rate: dict) -> str:
+    fp32 = f"fp32 {rate['mm fp32']:.0f} (torch)"
+    if "mm fp32 onednn" in rate:
+        fp32 += f" / {rate['mm fp32 onednn']:.0f} (oneDNN)"
+    return (f"dense matmul {MM[0]}x{MM[1]} @ {MM[1]}x{MM[2]} in the same rounds: {fp32} GFLOP/s, "
+            f"bf16 {rate['mm bf16']:.0f} GFLOP/s ({rate['mm bf16'] / rate[torch.float32]:.1f}x the faster fp32)")
+
+
+SCORE_PATHS = {  # name: (dtype, kernels, fp32 matmul backend)
+    "fp32 eager": (torch.float32, "eager", "torch"), "fp32 eager + oneDNN": (torch.float32, "eager", "onednn"),
+    "fp32 fused": (torch.float32, "fused", "torch"), "fp32 fused + oneDNN": (torch.float32, "fused", "onednn"),
+    "bf16 eager": (torch.bfloat16, "eager", "torch"), "bf16 fused": (torch.bfloat16, "fused", "torch")}
 
 
 def scoring(args) -> None:
@@ -179,55 +230,53 @@ def scoring(args) -> None:
     torch.manual_seed(0)
     model = IMRAM(paper_config(args.mode)).eval()
     bf = torch.bfloat16
-    a32, b32 = torch.randn(MM[0], MM[1]), torch.randn(MM[1], MM[2])
-    a16, b16 = a32.to(bf), b32.to(bf)
-    paths = {  # name: (dtype, kernels)
-        "fp32 eager": (torch.float32, "eager"), "fp32 fused": (torch.float32, "fused"),
-        "bf16 eager": (bf, "eager"), "bf16 fused": (bf, "fused")}
-    models = {k: with_kernels(model, kern).eval() for k, (_, kern) in paths.items()}
+    paths = {k: v for k, v in SCORE_PATHS.items() if v[2] == "torch" or kernels.onednn_available()}
+    models = {k: with_kernels(model, kern, mm).eval() for k, (_, kern, mm) in paths.items()}
     inputs = {torch.float32: (img, cap), bf: (img.to(bf), cap.to(bf))}
     t0 = time.perf_counter()
-    for k, (dt, _) in paths.items():  # compile the fused kernels outside the timed rounds
+    for k, (dt, _, _) in paths.items():  # compile the fused kernels outside the timed rounds
         models[k].similarity(*inputs[dt], lengths)
     compile_s = time.perf_counter() - t0
-    fns = {"loop": lambda: loop_scores(model, img, cap[:n_loop_cap], lengths[:n_loop_cap]),
-           "mm fp32": lambda: a32 @ b32, "mm bf16": lambda: a16 @ b16}
-    for k, (dt, _) in paths.items():
+    fns = {"loop": lambda: loop_scores(model, img, cap[:n_loop_cap], lengths[:n_loop_cap]), **dense_matmuls()}
+    for k, (dt, _, _) in paths.items():
         fns[k] = (lambda m=models[k], i=inputs[dt]: m.similarity(*i, lengths))
     med = interleaved(fns, args.rounds)
     ref = loop_scores(model, img, cap[:n_loop_cap], lengths[:n_loop_cap])
     errs = {}
-    for k, (dt, _) in paths.items():
+    for k, (dt, _, _) in paths.items():
         i, c = inputs[dt]
         s = models[k].similarity(i, c[:n_loop_cap], lengths[:n_loop_cap])
         errs[k] = float((s.float() - ref).abs().max())
         assert errs[k] < (1e-3 if dt == torch.float32 else 0.1), f"{k}: disagrees with the loop by {errs[k]}"
     fl = fast_flops(args.mode, n_img, lengths, cap.shape[1])
-    rate = {torch.float32: mm_flops() / med["mm fp32"] / 1e9, bf: mm_flops() / med["mm bf16"] / 1e9}
+    rate = matmul_rates(med)
     loop_ms = med["loop"] / (n_img * n_loop_cap) * 1e3
     print(f"\n## Scoring, {args.mode} IMRAM: {n_img} images x {n_cap} captions (mean length "
           f"{lengths.float().mean():.1f}) per call; loop on {n_img} x {n_loop_cap}; medians of {args.rounds} "
-          f"interleaved rounds; dense matmul {MM[0]}x{MM[1]} @ {MM[1]}x{MM[2]} in the same rounds: "
-          f"fp32 {rate[torch.float32]:.0f} GFLOP/s, bf16 {rate[bf]:.0f} GFLOP/s "
-          f"({rate[bf] / rate[torch.float32]:.1f}x); fused kernels compiled in {compile_s:.0f} s (first calls)\n")
+          f"interleaved rounds; {describe_rates(rate)}; fused kernels compiled in {compile_s:.0f} s "
+          f"(first calls)\n")
     print("| path | ms/pair | vs fp32 loop | GFLOP/s | % of same-dtype matmul | max abs diff vs loop |")
     print("|---|---|---|---|---|---|")
     print(f"| per-caption loop, fp32 | {loop_ms:.3f} | 1.0x | | | |")
-    for k, (dt, kern) in paths.items():
+    for k, (dt, kern, mm) in paths.items():
         ms = med[k] / (n_img * n_cap) * 1e3
-        auto = " (auto)" if kernels.auto_choice(torch.device("cpu"), dt, D) == kern else ""
-        print(f"| {k}{auto} | {ms:.3f} | {loop_ms / ms:.1f}x | {fl / med[k] / 1e9:.0f} | "
+        print(f"| {k}{auto_mark(dt, kern, mm)} | {ms:.3f} | {loop_ms / ms:.1f}x | {fl / med[k] / 1e9:.0f} | "
               f"{100 * fl / med[k] / 1e9 / rate[dt]:.0f}% | {errs[k]:.1e} |")
+    ceiling = {dt: loop_ms / (fl / (n_img * n_cap) / (rate[dt] * 1e9) * 1e3) for dt in (torch.float32, bf)}
+    print(f"\nCeiling of this algebra on this machine (its matmul FLOPs at 100% of the fastest dense matmul "
+          f"of the dtype, elementwise work free): fp32 {ceiling[torch.float32]:.1f}x, bf16 {ceiling[bf]:.1f}x "
+          f"the fp32 loop.")
 
 
 # ------------------------------------------------------------------ training step
 
-TRAIN_PATHS = {  # name: (autocast dtype or None, kernels, use the per-caption loop)
-    "loop fp32": (None, "eager", True),
-    "fp32 eager": (None, "eager", False),
-    "fp32 fused": (None, "fused", False),
-    "bf16 autocast eager": (torch.bfloat16, "eager", False),
-    "bf16 autocast fused": (torch.bfloat16, "fused", False),
+TRAIN_PATHS = {  # name: (autocast dtype or None, kernels, fp32 matmul backend, use the per-caption loop)
+    "loop fp32": (None, "eager", "torch", True),
+    "fp32 eager": (None, "eager", "torch", False),
+    "fp32 fused": (None, "fused", "torch", False),
+    "fp32 fused + oneDNN": (None, "fused", "onednn", False),
+    "bf16 autocast eager": (torch.bfloat16, "eager", "torch", False),
+    "bf16 autocast fused": (torch.bfloat16, "fused", "torch", False),
 }
 
 
@@ -242,8 +291,8 @@ def train_batch(batch: int, seed: int = 0):
 def make_step(path: str, model: IMRAM, batch):
     """One optimisation step as the training loop runs it: encoders, all pairs, hinge loss,
     backward, global-norm clipping at 2.0, Adam."""
-    autocast, kern, loop = TRAIN_PATHS[path]
-    model = with_kernels(model, kern).train()
+    autocast, kern, matmul, loop = TRAIN_PATHS[path]
+    model = with_kernels(model, kern, matmul).train()
     opt = torch.optim.Adam(model.parameters(), lr=2e-4)
     regions, tokens, lengths = batch
 
@@ -300,19 +349,16 @@ def training(args) -> None:
     torch.manual_seed(0)
     model = IMRAM(paper_config())
     batch = train_batch(args.batch)
-    steps = {p: make_step(p, model, batch) for p in TRAIN_PATHS}
+    paths = [p for p, v in TRAIN_PATHS.items() if v[2] == "torch" or kernels.onednn_available()]
+    steps = {p: make_step(p, model, batch) for p in paths}
     losses = {p: s() for p, s in steps.items()}  # from the same weights: the first losses agree
     for p, v in losses.items():
         tol = 1e-3 if TRAIN_PATHS[p][0] is None else 0.05 * abs(losses["loop fp32"]) + 0.1
         assert abs(v - losses["loop fp32"]) <= tol, f"{p}: first-step loss {v} vs loop {losses['loop fp32']}"
     bf = torch.bfloat16
-    a32, b32 = torch.randn(MM[0], MM[1]), torch.randn(MM[1], MM[2])
-    a16, b16 = a32.to(bf), b32.to(bf)
-    fns = dict(steps)
-    fns["mm fp32"] = lambda: a32 @ b32
-    fns["mm bf16"] = lambda: a16 @ b16
-    med = interleaved(fns, args.train_rounds)
-    rate = {None: mm_flops() / med["mm fp32"] / 1e9, bf: mm_flops() / med["mm bf16"] / 1e9}
+    med = interleaved({**steps, **dense_matmuls()}, args.train_rounds, untimed=1)
+    rate = matmul_rates(med)
+    rate[None] = rate[torch.float32]
     # useful FLOPs: scoring forward x 3 (backward costs two matmuls per forward matmul); encoders
     # and the recomputation of checkpointed chunks not counted
     regions, tokens, lengths = batch
@@ -320,22 +366,27 @@ def training(args) -> None:
     loop_s = med["loop fp32"]
     print(f"\n## Training step, full IMRAM, batch {args.batch} ({args.batch ** 2} pairs; encoders, hinge loss, "
           f"backward, clip 2.0, Adam); medians of {args.train_rounds} interleaved rounds after a warm-up "
-          f"step each; matmul in the same rounds: fp32 {rate[None]:.0f}, bf16 {rate[bf]:.0f} GFLOP/s\n")
+          f"step each, each timed step right after an untimed step of the same path; {describe_rates(rate)}\n")
     print("| path | step s | vs fp32 loop | scoring GFLOP/s (fwd+bwd) | % of same-dtype matmul |")
     print("|---|---|---|---|---|")
-    for p, (ac, kern, loop) in TRAIN_PATHS.items():
+    for p in paths:
+        ac, kern, matmul, loop = TRAIN_PATHS[p]
         if loop:
             print(f"| per-caption loop, fp32 | {med[p]:.2f} | 1.0x | | |")
             continue
-        auto = " (auto)" if kernels.auto_choice(torch.device("cpu"), ac or torch.float32, D) == kern else ""
+        auto = auto_mark(ac or torch.float32, kern, matmul)
         print(f"| {p}{auto} | {med[p]:.2f} | {loop_s / med[p]:.1f}x | {fl / med[p] / 1e9:.0f} | "
               f"{100 * fl / med[p] / 1e9 / rate[ac]:.0f}% |", flush=True)
+    ceiling = {dt: loop_s / (fl / (rate[dt] * 1e9)) for dt in (torch.float32, bf)}
+    print(f"\nCeiling on this machine (the scoring matmuls, forward and backward, at 100% of the fastest dense "
+          f"matmul of the dtype; encoders, elementwise work and the optimizer free): fp32 "
+          f"{ceiling[torch.float32]:.1f}x, bf16 {ceiling[bf]:.1f}x the fp32 loop's step.")
     if args.no_memory:
         return
     print("\nPeak RSS of one training step per path (fresh process each, second step):\n")
     print("| path | peak RSS GiB |")
     print("|---|---|")
-    for p in TRAIN_PATHS:
+    for p in paths:
         print(f"| {p} | {train_memory(p, args.batch)['peak_gib']:.2f} |", flush=True)
 
 

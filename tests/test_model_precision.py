@@ -239,23 +239,31 @@ def test_auto_matmul_takes_onednn_for_fp32_on_x86_cpus_not_made_by_intel(monkeyp
 
 
 def test_onednn_linear_matches_torch_matmul_with_gradients():
-    """Forward and both gradients against torch's matmul on a strided 2-D input (what the eager
-    update hands over: a view on the second half of its buffer) and a 3-D one; fp32 differs from MKL
-    only in summation order, so the bound is a few fp32 ulps of the output scale."""
+    """Forward and every gradient against torch's matmul, with and without bias, on a strided input
+    (what the eager update hands over: a view on the second half of its buffer) and a contiguous one;
+    fp32 differs from MKL only in summation order, so the bound is a few fp32 ulps of the output
+    scale."""
     g = torch.Generator().manual_seed(0)
-    weight = torch.randn(48, 32, generator=g)
-    for x in (torch.randn(70, 64, generator=g)[:, 32:], torch.randn(3, 11, 32, generator=g)):
-        xa, wa = x.clone().requires_grad_(), weight.clone().requires_grad_()
-        xb, wb = x.clone().requires_grad_(), weight.clone().requires_grad_()
-        out_a, out_b = kernels.linear_onednn(xa, wa), kernels.linear_torch(xb, wb)
-        torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
-        up = torch.randn(out_b.shape, generator=g)
-        (out_a * up).sum().backward()
-        (out_b * up).sum().backward()
-        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(wa.grad, wb.grad, rtol=1e-5, atol=1e-4)
+    weight, bias = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    for x in (torch.randn(70, 64, generator=g)[:, 32:], torch.randn(33, 32, generator=g)):
+        for b in (None, bias):
+            xa, wa = x.clone().requires_grad_(), weight.clone().requires_grad_()
+            xb, wb = x.clone().requires_grad_(), weight.clone().requires_grad_()
+            ba = bb = None
+            if b is not None:
+                ba, bb = b.clone().requires_grad_(), b.clone().requires_grad_()
+            out_a, out_b = kernels.linear_onednn(xa, wa, ba), kernels.linear_torch(xb, wb, bb)
+            torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
+            up = torch.randn(out_b.shape, generator=g)
+            (out_a * up).sum().backward()
+            (out_b * up).sum().backward()
+            torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(wa.grad, wb.grad, rtol=1e-5, atol=1e-4)
+            if b is not None:
+                torch.testing.assert_close(ba.grad, bb.grad, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # the no-grad path is the plain op
-        torch.testing.assert_close(kernels.linear_onednn(x, weight), x @ weight.t(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kernels.linear_onednn(x, weight, bias), x @ weight.t() + bias,
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kern", ["eager", "fused"])

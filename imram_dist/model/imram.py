@@ -189,7 +189,8 @@ class IMRAM(nn.Module):
         grad = torch.is_grad_enabled() and (V.requires_grad or W.requires_grad or any(
             q.requires_grad for q in self.parameters()))
         mdu_t, mdu_i = self._mdu_weights(dtype, device, text, image)
-        p = scoring.prepare(V, W, lengths, text, image, c.steps, mdu_t, mdu_i)
+        kern = self.kernels_for(device, dtype, grad)
+        p = scoring.prepare(V, W, lengths, text, image, c.steps, mdu_t, mdu_i, kern)
         mean_words = p.offsets[-1] / M
         per_pair = scoring.bytes_per_pair(R, mean_words, L, d, c.steps, text, image,
                                           V.element_size(), grad)
@@ -199,7 +200,7 @@ class IMRAM(nn.Module):
         n_chunks = math.ceil(N / n_blk) * math.ceil(M / m_blk)
         fn = functools.partial(self._block_fn(grad), text=text, image=image, steps=c.steps,
                                lam=float(c.lambda_softmax), renorm=bool(c.renorm_query),
-                               kern=self.kernels_for(device, dtype, grad))
+                               kern=kern)
         Wx_t = mdu_t[0] if text else None
         Wx_i = mdu_i[0] if image else None
         rows = []

@@ -147,38 +147,40 @@ def gate_fused(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor) -> torch.Tenso
 # only in summation order (~1e-6 relative).
 
 
-def linear_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.t() through torch's matmul (the reference)."""
-    return x @ weight.t()
+def linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.t() (+ bias) through torch's matmul (the reference); x is 2-D."""
+    return x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
 
 
-def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """x @ weight.t() with forward and both backward matmuls in oneDNN (weight: [out, in])."""
+    """x @ weight.t() + bias with forward and both backward matmuls in oneDNN (weight: [out, in])."""
 
     @staticmethod
-    def forward(ctx, x, weight):  # type: ignore[override]
+    def forward(ctx, x, weight, bias):  # type: ignore[override]
         ctx.save_for_backward(x, weight)
-        return _onednn(x, weight)
+        return _onednn(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         d_x = _onednn(grad, weight.t()) if ctx.needs_input_grad[0] else None  # grad @ weight
         d_w = None
-        if ctx.needs_input_grad[1]:  # grad^T @ x, summed over every leading dim
-            d_w = _onednn(grad.reshape(-1, grad.shape[-1]).t(), x.reshape(-1, x.shape[-1]).t())
-        return d_x, d_w
+        if ctx.needs_input_grad[1]:  # grad^T @ x, computed as its transpose x^T @ grad: oneDNN copies
+            # a transposed input first, and x^T is half the size of grad^T
+            d_w = _onednn(x.t(), grad.t()).t()
+        d_b = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return d_x, d_w, d_b
 
 
-def linear_onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.t() in oneDNN (CPU fp32), differentiable."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _OneDNNLinear.apply(x, weight)
-    return _onednn(x, weight)
+def linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.t() (+ bias) in oneDNN (CPU fp32), differentiable; x is 2-D."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return _onednn(x, weight, bias)
 
 
 MATMUL_CHOICES = ("auto", "torch", "onednn")
@@ -225,7 +227,7 @@ class Kernels:
 
     name: str
     gate: Callable[..., torch.Tensor]
-    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = linear_torch
+    linear: Callable[..., torch.Tensor] = linear_torch
 
 
 EAGER = Kernels("eager", gate_eager)

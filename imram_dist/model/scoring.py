@@ -77,9 +77,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def prepare(V: torch.Tensor, W: torch.Tensor, lengths: torch.Tensor, text: bool, image: bool,
-            steps: int, mdu_t: tuple | None, mdu_i: tuple | None) -> Prepared:
+            steps: int, mdu_t: tuple | None, mdu_i: tuple | None, kern: Kernels = EAGER) -> Prepared:
     """V, W and the MDU weights are in the compute dtype; norms and Gram matrices come out in the
-    accumulation dtype (computed from the same, possibly rounded, vectors the matmuls see)."""
+    accumulation dtype (computed from the same, possibly rounded, vectors the matmuls see). The MDU
+    projections go through kern.linear, the per-pair projection's matmul backend."""
     N, R, d = V.shape
     M, L, _ = W.shape
     acc = accumulation_dtype(V.dtype)
@@ -100,15 +101,15 @@ def prepare(V: torch.Tensor, W: torch.Tensor, lengths: torch.Tensor, text: bool,
         if more:
             Wx_t, Wc_t, b_t = mdu_t
             # the bias rides on the context projection: attention weights sum to 1 over the context
-            VWc_t = torch.addmm(b_t, V.reshape(N * R, d), Wc_t.t()).view(N, R, 2 * d)
-            WpWx_t = Wp @ Wx_t.t()
+            VWc_t = kern.linear(V.reshape(N * R, d), Wc_t, b_t).view(N, R, 2 * d)
+            WpWx_t = kern.linear(Wp, Wx_t)
     if image:
         Wa = W.to(acc)
         Gw = torch.bmm(Wa, Wa.transpose(1, 2))
         if more:
             Wx_i, Wc_i, b_i = mdu_i
-            VWx_i = (V.reshape(N * R, d) @ Wx_i.t()).view(N, R, 2 * d)
-            WWc_i = torch.addmm(b_i, W.reshape(M * L, d), Wc_i.t()).view(M, L, 2 * d)
+            VWx_i = kern.linear(V.reshape(N * R, d), Wx_i).view(N, R, 2 * d)
+            WWc_i = kern.linear(W.reshape(M * L, d), Wc_i, b_i).view(M, L, 2 * d)
     return Prepared(V, Vn, Gv, VWc_t, VWx_i, W, mask, Gw, WWc_i, Wp, Wpn, WpWx_t, lengths, offsets)
 
 
