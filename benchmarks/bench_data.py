@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from imram_dist.data import TrainPairs, iter_shard, read_manifest  # noqa: E402
 from imram_dist.data.shards import Manifest, ShardInfo, ShardWriter, SplitInfo, write_manifest  # noqa: E402
 from imram_dist.data.tokenize import Vocabulary  # noqa: E402
+from imram_dist.model import kernels  # noqa: E402
 
 WORDS = "a man woman dog cat riding sitting on the red blue bike street with table near grass".split()
 
@@ -88,15 +89,9 @@ def interleaved(fns: dict, rounds: int) -> dict:
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-        name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
-        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-        bf16 = [fl for fl in flags if "bf16" in fl]
-        return f"{name}, {os.cpu_count()} CPUs, bf16 flags: {' '.join(bf16) or 'none'}"
-    except OSError:
-        return platform.processor() or "unknown CPU"
+    name = kernels.cpu_info("model name") or platform.processor() or "unknown CPU"
+    bf16 = [fl for fl in kernels.cpu_info("flags").split() if "bf16" in fl]
+    return f"{name}, {os.cpu_count()} CPUs, bf16 flags: {' '.join(bf16) or 'none'}"
 
 
 def train_rate(batch, threads):

@@ -59,14 +59,8 @@ def embeddings(n_img: int, n_cap: int, seed: int = 0):
 
 
 def machine() -> str:
-    name, flags = platform.processor() or "unknown CPU", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-        name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), name)
-        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-    except OSError:
-        pass
+    name = kernels.cpu_info("model name") or platform.processor() or "unknown CPU"
+    flags = kernels.cpu_info("flags").split()
     bf16 = [fl for fl in ("amx_bf16", "amx_tile", "avx512_bf16") if fl in flags]
     memory = ", ".join(f"{env}={os.environ.get(env, 'unset')}"
                        for env in (imram_dist.HUGE_PAGES_ENV, imram_dist.KEEP_FREED_MEMORY_ENV))

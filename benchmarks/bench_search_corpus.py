@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from imram_dist.config import load_config  # noqa: E402
 from imram_dist.data import TrainPairs, iter_shard, load_eval_split, read_manifest, resolve_root  # noqa: E402
 from imram_dist.evaluate import distributed_evaluate  # noqa: E402
-from imram_dist.model import IMRAM, hinge_loss  # noqa: E402
+from imram_dist.model import IMRAM, hinge_loss, kernels  # noqa: E402
 from imram_dist.train.plan import lr_at_epoch  # noqa: E402
 
 # A handful of points from the lead's space (tune/default.yaml: margin 0.05-0.5, K 1-3,
@@ -57,14 +57,7 @@ CONFIGS: list[dict[str, object]] = [
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return kernels.cpu_info("model name") or platform.processor() or "unknown"
 
 
 def twin_rows(root: str, split: str, keys: list[str]) -> list[int]:

@@ -198,17 +198,23 @@ def onednn_available() -> bool:
         return False
 
 
-@functools.cache
-def cpu_vendor() -> str:
-    """The x86 vendor string of this CPU ("GenuineIntel", "AuthenticAMD", ...), "" if unknown."""
+def cpu_info(field: str) -> str:
+    """A field of the first CPU in /proc/cpuinfo ("vendor_id", "model name", "flags"), "" where
+    there is none (another OS, another architecture)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.split(":", 1)[0].strip() == field:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The x86 vendor string of this CPU ("GenuineIntel", "AuthenticAMD", ...), "" if unknown."""
+    return cpu_info("vendor_id")
 
 
 def matmul_choice(device: torch.device, dtype: torch.dtype) -> str:
