@@ -190,11 +190,15 @@ def main() -> None:
     cfg = EvalConfig(block_images=args.block_images or max(1, n // max(workers)),
                      block_captions=args.block_captions or defaults.block_captions)
     model = paper_model(device=args.device, dtype=args.dtype, score_mb=args.score_mb)
+    from bench_model import machine
+
     out: dict = {"sizes": "full IMRAM K=3, d=1024, R=36, D=2048, word_dim=300, V=8481, ~12-token captions",
+                 "machine": machine(), "load_average_start": os.getloadavg()[0],
                  "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
                  "dtype": args.dtype, "torch": torch.__version__,
                  "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                  "blocks": [cfg.block_images, cfg.block_captions], "runs": []}
+    print(f"{out['machine']}\nload average at start: {out['load_average_start']:.1f}")
     print(f"{out['sizes']}; {out['device']} {out['dtype']}; torch {out['torch']}; "
           f"{out['threads']} torch threads, {out['cpus']} CPUs; blocks {out['blocks']}")
     for w in workers:
@@ -234,6 +238,8 @@ def main() -> None:
               f"(inputs alone {mem['rss_after_inputs_mb']:.0f} MB; regions {mem['regions_mb']:.0f}, image emb "
               f"{mem['image_emb_mb']:.0f}, caption emb {mem['caption_emb_mb']:.0f}, matrix {mem['matrix_mb']:.0f} MB; "
               f"encode {mem['encode_s']} s)")
+    out["load_average_end"] = os.getloadavg()[0]
+    print(f"\nload average at end: {out['load_average_end']:.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
