@@ -56,22 +56,30 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 G_CLAMP, O_CLAMP = 30.0, 15.0
 
 
-def _update(pre: torch.Tensor, q: torch.Tensor, d: int) -> torch.Tensor:
-    A = torch.exp(-pre[..., :d].clamp(-G_CLAMP, G_CLAMP))
-    B = torch.exp(-2 * pre[..., d:].clamp(-O_CLAMP, O_CLAMP))
+def _update(g_pre: torch.Tensor, o_pre: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    A = torch.exp(-g_pre.clamp(-G_CLAMP, G_CLAMP))
+    B = torch.exp(-2 * o_pre.clamp(-O_CLAMP, O_CLAMP))
     return (q * (1 + B) + A * (1 - B)) / ((1 + A) * (1 + B))
 
 
-def _gate_fwd(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _halves(a: torch.Tensor, b: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two halves of the pre-activation a + b, in the accumulation dtype."""
     acc = _acc(a.dtype)
-    pre = a.to(acc) + b.to(acc)
-    return _update(pre, q.to(acc), q.shape[-1]).to(a.dtype)
+    return a[..., :d].to(acc) + b[..., :d].to(acc), a[..., d:].to(acc) + b[..., d:].to(acc)
+
+
+def _gate_fwd(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    g_pre, o_pre = _halves(a, b, q.shape[-1])
+    return _update(g_pre, o_pre, q.to(g_pre.dtype)).to(a.dtype)
 
 
 def _gate_fwd_save(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    acc = _acc(a.dtype)
-    pre = a.to(acc) + b.to(acc)
-    return _update(pre, q.to(acc), q.shape[-1]).to(a.dtype), pre.to(a.dtype)
+    # the saved pre-activation is written half by half from the same loop that computes the update
+    # (a [.., 2d]-wide `a + b` made inductor add a second loop that read a and b again: 20.5 against
+    # 27.8 ms in bf16, 31.7 against 39.3 ms in fp32 on a [32, 1152, 2048] block, same bits)
+    g_pre, o_pre = _halves(a, b, q.shape[-1])
+    out = _update(g_pre, o_pre, q.to(g_pre.dtype)).to(a.dtype)
+    return out, torch.cat([g_pre.to(a.dtype), o_pre.to(a.dtype)], -1)
 
 
 def _gate_bwd(pre: torch.Tensor, q: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
