@@ -66,9 +66,10 @@ class IMRAM(nn.Module):
         self.kernels = kernels
 
     def kernels_for(self, device: torch.device, dtype: torch.dtype, grad: bool = False) -> kernels.Kernels:
-        """The elementwise kernels that scoring uses on this device in this compute dtype, with or
-        without autograd. The whole compiled core (config.compile_scoring, no grad) traces the eager
-        reference itself (with torch's matmul)."""
+        """The kernels that scoring uses on this device in this compute dtype, with or without
+        autograd: the memory update (``kernels``) and the projections' matmul (config.fp32_matmul).
+        The whole compiled core (config.compile_scoring, no grad) traces the eager reference itself
+        (with torch's matmul)."""
         if self.config.compile_scoring and not grad:
             return kernels.EAGER
         return kernels.select(self.kernels, device, dtype, self.config.embed_size, self.config.fp32_matmul)
