@@ -191,7 +191,7 @@ def dense_matmuls() -> dict:
     a16, w16 = a32.to(bf), w32.to(bf)
     fns = {"mm fp32": lambda: a32 @ w32.t(), "mm bf16": lambda: a16 @ w16.t()}
     if kernels.onednn_available():
-        fns["mm fp32 onednn"] = lambda: kernels.linear_onednn(a32, w32)
+        fns["mm fp32 onednn"] = lambda: kernels.onednn_linear(a32, w32)
     return fns
 
 

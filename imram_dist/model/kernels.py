@@ -155,40 +155,90 @@ def gate_fused(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor) -> torch.Tenso
 # accumulation); it differs from MKL's only in summation order (~1e-6 relative).
 
 
-def linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.t() (+ bias) through torch's matmul (the reference); x is 2-D."""
-    return x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+# On CPU the projections run ROW_CHUNK rows at a time, each piece written into one output. oneDNN
+# (torch's bf16 matmul, and fp32 with fp32_matmul=onednn) slows down for some row counts: on the AMD
+# EPYC of the README's run, [M x 1,024] @ [1,024 x 2,048] in bf16 ran at 460-500 GFLOP/s for
+# M = 25,184 (32 x 787: the text-direction rows of the scoring benchmark) and M = 28,117 (31 x 907),
+# and at ~850 for M = 25,000 or 24,576; in fp32 through oneDNN 300 against 450. About one row count
+# in four between 20,000 and 30,000 lost more than 25%, all of them with a large prime factor.
+# 4,096-row pieces ran at ~850 (bf16) for every M tried, and within 2% of the unchunked matmul where
+# that was fast. Each output row is the same dot products either way (same bits in every test here).
+ROW_CHUNK = 4096
 
 
-def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _mm_torch(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    if bias is None:
+        torch.mm(x, w_t, out=out)
+    else:
+        torch.addmm(bias, x, w_t, out=out)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.t() (+ bias) as one oneDNN call (CPU fp32, no autograd, no row chunks)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    """x @ weight.t() + bias with forward and both backward matmuls in oneDNN (weight: [out, in])."""
+def _mm_onednn(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    out.copy_(onednn_linear(x, w_t.t(), bias))  # the op has no out= form
+
+
+_MM = {"torch": _mm_torch, "onednn": _mm_onednn}
+
+
+def _by_rows(backend: str, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w_t (+ bias) in backend's matmul; on CPU ROW_CHUNK rows at a time (see above)."""
+    if x.device.type != "cpu" or x.shape[0] <= ROW_CHUNK:
+        if backend == "onednn":
+            return onednn_linear(x, w_t.t(), bias)
+        return x @ w_t if bias is None else torch.addmm(bias, x, w_t)
+    out = x.new_empty(x.shape[0], w_t.shape[1])
+    for i in range(0, x.shape[0], ROW_CHUNK):
+        _MM[backend](x[i:i + ROW_CHUNK], w_t, bias, out[i:i + ROW_CHUNK])
+    return out
+
+
+class _Linear(torch.autograd.Function):
+    """x @ weight.t() + bias (weight: [out, in]) with the forward and the input gradient in row chunks,
+    all three matmuls in one backend. The weight gradient's reduction runs over the rows, which
+    showed no slow row counts, so it is one matmul."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, backend):  # type: ignore[override]
         ctx.save_for_backward(x, weight)
-        return _onednn(x, weight, bias)
+        ctx.backend = backend
+        return _by_rows(backend, x, weight.t(), bias)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        d_x = _onednn(grad, weight.t()) if ctx.needs_input_grad[0] else None  # grad @ weight
+        grad = grad.contiguous()
+        d_x = _by_rows(ctx.backend, grad, weight) if ctx.needs_input_grad[0] else None  # grad @ weight
         d_w = None
-        if ctx.needs_input_grad[1]:  # grad^T @ x, computed as its transpose x^T @ grad: oneDNN copies
-            # a transposed input first, and x^T is half the size of grad^T
-            d_w = _onednn(x.t(), grad.t()).t()
+        if ctx.needs_input_grad[1]:
+            if ctx.backend == "onednn":  # grad^T @ x, computed as its transpose x^T @ grad: oneDNN
+                # copies a transposed input first, and x^T is half the size of grad^T
+                d_w = onednn_linear(x.t(), grad.t()).t()
+            else:
+                d_w = grad.t() @ x
         d_b = grad.sum(0) if ctx.needs_input_grad[2] else None
-        return d_x, d_w, d_b
+        return d_x, d_w, d_b, None
+
+
+def _linear(backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _Linear.apply(x, weight, bias, backend)
+    return _by_rows(backend, x, weight.t(), bias)
+
+
+def linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.t() (+ bias) through torch's matmul (the reference), in row chunks on CPU,
+    differentiable; x is 2-D."""
+    return _linear("torch", x, weight, bias)
 
 
 def linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.t() (+ bias) in oneDNN (CPU fp32), differentiable; x is 2-D."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _OneDNNLinear.apply(x, weight, bias)
-    return _onednn(x, weight, bias)
+    """x @ weight.t() (+ bias) in oneDNN (CPU fp32), in row chunks, differentiable; x is 2-D."""
+    return _linear("onednn", x, weight, bias)
 
 
 MATMUL_CHOICES = ("auto", "torch", "onednn")
@@ -201,7 +251,7 @@ def onednn_available() -> bool:
         return False
     try:
         x, w = torch.randn(5, 8, dtype=torch.float32), torch.randn(3, 8, dtype=torch.float32)
-        return bool(torch.allclose(_onednn(x, w), x @ w.t(), rtol=1e-5, atol=1e-5))
+        return bool(torch.allclose(onednn_linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-5))
     except (RuntimeError, AttributeError):  # op missing or not built for this CPU
         return False
 
