@@ -239,34 +239,6 @@ def test_auto_matmul_takes_onednn_for_fp32_on_x86_cpus_not_made_by_intel(monkeyp
     assert model.kernels_for(cpu, torch.bfloat16).linear is kernels.linear_torch
 
 
-def test_onednn_linear_matches_torch_matmul_with_gradients():
-    """Forward and every gradient against torch's matmul, with and without bias, on a strided input
-    (what the eager update hands over: a view on the second half of its buffer) and a contiguous one;
-    fp32 differs from MKL only in summation order, so the bound is a few fp32 ulps of the output
-    scale."""
-    g = torch.Generator().manual_seed(0)
-    weight, bias = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
-    for x in (torch.randn(70, 64, generator=g)[:, 32:], torch.randn(33, 32, generator=g)):
-        for b in (None, bias):
-            xa, wa = x.clone().requires_grad_(), weight.clone().requires_grad_()
-            xb, wb = x.clone().requires_grad_(), weight.clone().requires_grad_()
-            ba = bb = None
-            if b is not None:
-                ba, bb = b.clone().requires_grad_(), b.clone().requires_grad_()
-            out_a, out_b = kernels.linear_onednn(xa, wa, ba), kernels.linear_torch(xb, wb, bb)
-            torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
-            up = torch.randn(out_b.shape, generator=g)
-            (out_a * up).sum().backward()
-            (out_b * up).sum().backward()
-            torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(wa.grad, wb.grad, rtol=1e-5, atol=1e-4)
-            if b is not None:
-                torch.testing.assert_close(ba.grad, bb.grad, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():  # the no-grad path is the plain op
-        torch.testing.assert_close(kernels.linear_onednn(x, weight, bias), x @ weight.t() + bias,
-                                   rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("kern", ["eager", "fused"])
 def test_onednn_projection_scores_and_gradients_match_torch_matmul_and_the_oracle(kern):
     """The model with fp32_matmul=onednn against fp32_matmul=torch (same weights): scores and every
@@ -292,13 +264,15 @@ def test_onednn_projection_scores_and_gradients_match_torch_matmul_and_the_oracl
         assert err <= 1e-4 * scale + 1e-9, (name, err, scale)
 
 
+@pytest.mark.parametrize("rows", [8, 10**9], ids=["chunked", "whole"])
 @pytest.mark.parametrize("linear", [kernels.linear_torch, kernels.linear_onednn], ids=["torch", "onednn"])
-def test_row_chunked_projection_matches_one_matmul_with_gradients(linear, monkeypatch):
-    """With 8-row pieces, 37 rows make four whole pieces and a tail of 5: the output and the input,
-    weight and bias gradients equal one unchunked matmul (each output row is the same dot products;
-    the bound allows the backend to pick another kernel for a different row count). The strided
-    input is what the eager update hands over: a view on the second half of its buffer."""
-    monkeypatch.setattr(kernels, "ROW_CHUNK", 8)
+def test_projection_matches_one_torch_matmul_with_gradients(linear, rows, monkeypatch):
+    """Both backends, in 8-row pieces (37 rows: four whole pieces and a tail of 5) and whole, against
+    one torch matmul: the output and the input, weight and bias gradients, with and without bias. oneDNN
+    differs from MKL only in summation order, and a piece may get another kernel than the whole, so
+    the bound is a few fp32 ulps of the output scale. The strided input is what the eager update
+    hands over: a view on the second half of its buffer."""
+    monkeypatch.setattr(kernels, "ROW_CHUNK", rows)
     g = torch.Generator().manual_seed(3)
     weight, bias = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
     for x in (torch.randn(37, 64, generator=g)[:, 32:], torch.randn(37, 32, generator=g), torch.randn(8, 32, generator=g)):
