@@ -163,10 +163,12 @@ def gate_fused(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor) -> torch.Tenso
 # (torch's bf16 matmul, and fp32 with fp32_matmul=onednn) slows down for some row counts: on the AMD
 # EPYC of the README's run, [M x 1,024] @ [1,024 x 2,048] in bf16 ran at 460-500 GFLOP/s for
 # M = 25,184 (32 x 787: the text-direction rows of the scoring benchmark) and M = 28,117 (31 x 907),
-# and at ~850 for M = 25,000 or 24,576; in fp32 through oneDNN 300 against 450. About one row count
-# in four between 20,000 and 30,000 lost more than 25%, all of them with a large prime factor.
-# 4,096-row pieces ran at ~850 (bf16) for every M tried, and within 2% of the unchunked matmul where
-# that was fast. Each output row is the same dot products either way (same bits in every test here).
+# and at ~850 for M = 25,000 or 24,576; in fp32 through oneDNN 300 against 450. Of 40 random row
+# counts between 20,000 and 30,000, 12 lost more than 25% (the 8 of them factored each had a prime
+# factor above 500). 4,096-row pieces ran at ~850 (bf16) for every M tried, and within 2% of the
+# unchunked matmul where that was fast. Each output row is the same dot products either way; a piece
+# may get another kernel than the whole, with another summation order (the scoring benchmark's
+# scores came out bit-identical). GPUs run one matmul, through plain autograd.
 ROW_CHUNK = 4096
 
 
@@ -190,8 +192,8 @@ _MM = {"torch": _mm_torch, "onednn": _mm_onednn}
 
 
 def _by_rows(backend: str, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w_t (+ bias) in backend's matmul; on CPU ROW_CHUNK rows at a time (see above)."""
-    if x.device.type != "cpu" or x.shape[0] <= ROW_CHUNK:
+    """x @ w_t (+ bias) in backend's matmul (CPU), ROW_CHUNK rows at a time (see above)."""
+    if x.shape[0] <= ROW_CHUNK:
         if backend == "onednn":
             return onednn_linear(x, w_t.t(), bias)
         return x @ w_t if bias is None else torch.addmm(bias, x, w_t)
@@ -229,14 +231,16 @@ class _Linear(torch.autograd.Function):
 
 
 def _linear(backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.device.type != "cpu":
+        return x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _Linear.apply(x, weight, bias, backend)
     return _by_rows(backend, x, weight.t(), bias)
 
 
 def linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.t() (+ bias) through torch's matmul (the reference), in row chunks on CPU,
-    differentiable; x is 2-D."""
+    """x @ weight.t() (+ bias) through torch's matmul (the reference), differentiable, in row chunks
+    on CPU; x is 2-D."""
     return _linear("torch", x, weight, bias)
 
 
