@@ -166,9 +166,10 @@ def gate_fused(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor) -> torch.Tenso
 # and at ~850 for M = 25,000 or 24,576; in fp32 through oneDNN 300 against 450. Of 40 random row
 # counts between 20,000 and 30,000, 12 lost more than 25% (the 8 of them factored each had a prime
 # factor above 500). 4,096-row pieces ran at ~850 (bf16) for every M tried, and within 2% of the
-# unchunked matmul where that was fast. Each output row is the same dot products either way; a piece
-# may get another kernel than the whole, with another summation order (the scoring benchmark's
-# scores came out bit-identical). GPUs run one matmul, through plain autograd.
+# unchunked matmul where that was fast (fp32 through oneDNN, whose pieces are copied in: 2-4%).
+# Each output row is the same dot products either way; a piece may get another kernel than the
+# whole, with another summation order (the scoring benchmark's scores came out bit-identical).
+# GPUs run one matmul, through plain autograd.
 ROW_CHUNK = 4096
 
 
