@@ -181,7 +181,7 @@ class IMRAM(nn.Module):
         N, R, d = V.shape
         M, L, _ = W.shape
         dtype, device = V.dtype, V.device
-        acc = scoring.accumulation_dtype(dtype)
+        acc = kernels.accumulation_dtype(dtype)
         if N == 0 or M == 0:
             return V.new_zeros(N, M, dtype=acc)
         lengths = lengths.to(device)

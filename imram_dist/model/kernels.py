@@ -44,7 +44,8 @@ def gate_eager(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor | None = None) 
     return pre[..., d:].tanh_().lerp_(q, g)
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half-precision compute, the compute dtype itself otherwise (fp32, fp64)."""
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -68,7 +69,7 @@ def _update(g_pre: torch.Tensor, o_pre: torch.Tensor, q: torch.Tensor) -> torch.
 
 def _halves(a: torch.Tensor, b: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The two halves of the pre-activation a + b, in the accumulation dtype."""
-    acc = _acc(a.dtype)
+    acc = accumulation_dtype(a.dtype)
     return a[..., :d].to(acc) + b[..., :d].to(acc), a[..., d:].to(acc) + b[..., d:].to(acc)
 
 
@@ -91,7 +92,7 @@ def _gate_bwd(pre: torch.Tensor, q: torch.Tensor, grad: torch.Tensor) -> tuple[t
     sigmoid and tanh instead of storing them): g = 1/(1+A), tanh(o) = 2r - 1 with r = 1/(1+B),
     g' = g (1 - g), tanh' = 4 r (1 - r)."""
     d = q.shape[-1]
-    acc = _acc(pre.dtype)
+    acc = accumulation_dtype(pre.dtype)
     p = pre.to(acc)
     gr = grad.to(acc)
     g = 1 / (1 + torch.exp(-p[..., :d].clamp(-G_CLAMP, G_CLAMP)))
@@ -192,12 +193,17 @@ def _mm_onednn(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None, ou
 _MM = {"torch": _mm_torch, "onednn": _mm_onednn}
 
 
+def _whole(backend: str, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ w_t (+ bias) as one call of backend's matmul."""
+    if backend == "onednn":
+        return onednn_linear(x, w_t.t(), bias)
+    return x @ w_t if bias is None else torch.addmm(bias, x, w_t)
+
+
 def _by_rows(backend: str, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w_t (+ bias) in backend's matmul (CPU), ROW_CHUNK rows at a time (see above)."""
     if x.shape[0] <= ROW_CHUNK:
-        if backend == "onednn":
-            return onednn_linear(x, w_t.t(), bias)
-        return x @ w_t if bias is None else torch.addmm(bias, x, w_t)
+        return _whole(backend, x, w_t, bias)
     out = x.new_empty(x.shape[0], w_t.shape[1])
     for i in range(0, x.shape[0], ROW_CHUNK):
         _MM[backend](x[i:i + ROW_CHUNK], w_t, bias, out[i:i + ROW_CHUNK])
@@ -233,7 +239,7 @@ class _Linear(torch.autograd.Function):
 
 def _linear(backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if x.device.type != "cpu":
-        return x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+        return _whole("torch", x, weight.t(), bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _Linear.apply(x, weight, bias, backend)
     return _by_rows(backend, x, weight.t(), bias)

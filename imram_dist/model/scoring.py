@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .encoders import EPS, l2norm
-from .kernels import EAGER, Kernels, gate_eager
+from .kernels import EAGER, Kernels, accumulation_dtype, gate_eager
 
 TINY = 1e-30  # floor under squared norms before sqrt: keeps gradients finite, never changes a value
 
@@ -69,11 +69,6 @@ def split_mdu(gate: torch.nn.Linear, linear: torch.nn.Linear) -> tuple[torch.Ten
     d = gate.out_features
     w = torch.cat([gate.weight, linear.weight], 0)
     return w[:, :d].contiguous(), w[:, d:].contiguous(), torch.cat([gate.bias, linear.bias], 0)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half-precision compute, the compute dtype itself otherwise (fp32, fp64)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def prepare(V: torch.Tensor, W: torch.Tensor, lengths: torch.Tensor, text: bool, image: bool,
