@@ -1,14 +1,14 @@
 """The same model code on CUDA (fp32 / fp16 / bf16).
 
 Not collected by the CPU suite (the file name has no test_ prefix, so nothing is skipped
-there); on a GPU machine run `python -m pytest tests/gpu/check_model_cuda.py` or run it as
-a script for the paper-size timings."""
+there); on a GPU machine run `python -m pytest tests/gpu/check_model_cuda.py` (tests/gpu/run_device.sh
+runs it with the other GPU check and benchmarks/bench_model_gpu.py, which has the paper-size timings)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
-import time
 
 import pytest
 import torch
@@ -18,15 +18,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 import imram_oracle as oracle  # noqa: E402
+from test_model_precision import SPACING, batch, exact_scores, make, max_err  # noqa: E402
 
 from imram_dist.config import ModelConfig  # noqa: E402
 from imram_dist.model import IMRAM, hinge_loss  # noqa: E402
 
 
-def _small(mode="full", **kw):
+def _small(mode="full", kern="auto", **kw):
     torch.manual_seed(0)
     return IMRAM(ModelConfig(image_dim=10, embed_size=8, word_dim=6, vocab_size=20, mode=mode, steps=3,
-                             lambda_softmax=5.0, **kw))
+                             lambda_softmax=5.0, **kw), kernels=kern)
 
 
 def _batch(device):
@@ -35,10 +36,11 @@ def _batch(device):
             torch.tensor([7, 2, 4, 1]))
 
 
+@pytest.mark.parametrize("kern", ["eager", "fused"])
 @pytest.mark.parametrize("mode", ["full", "text", "image"])
-def test_cuda_fp32_matches_oracle_and_cpu(mode):
+def test_cuda_fp32_matches_oracle_and_cpu(mode, kern):
     cpu = _small(mode)
-    gpu = _small(mode).cuda()
+    gpu = _small(mode, kern).cuda()
     regions, tokens, lengths = _batch("cpu")
     torch.backends.cudnn.allow_tf32 = False  # cuDNN's GRU defaults to TF32; compare exact fp32 here
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -65,41 +67,38 @@ def test_cuda_half_precision_runs_and_trains(dtype):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def paper_size_speed():
-    torch.manual_seed(0)
-    for mode in ("text", "image", "full"):
-        for dtype in (torch.float32, torch.bfloat16):
-            model = IMRAM(ModelConfig(vocab_size=1000, mode=mode, score_memory_mb=4096)).cuda().eval()
-            img = torch.nn.functional.normalize(torch.randn(128, 36, 1024, device="cuda"), dim=-1).to(dtype)
-            lengths = torch.randint(8, 17, (640,))
-            cap = torch.nn.functional.normalize(torch.randn(640, 16, 1024, device="cuda"), dim=-1).to(dtype)
-            with torch.no_grad():
-                model.similarity(img, cap, lengths)
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                for _ in range(3):
-                    model.similarity(img, cap, lengths)
-                torch.cuda.synchronize()
-            dt = (time.perf_counter() - t) / 3
-            print(f"{mode:5s} {str(dtype):15s} {128 * 640 / dt:10.0f} pairs/s", flush=True)
-    model = IMRAM(ModelConfig(vocab_size=1000, mode="full")).cuda()
-    regions = torch.randn(128, 36, 2048, device="cuda")
-    lengths = torch.randint(8, 17, (128,))
-    tokens = torch.randint(4, 1000, (128, 16), device="cuda")
-    torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    hinge_loss(model(regions, tokens, lengths), 0.2, True).backward()
-    torch.cuda.synchronize()
-    print(f"train step batch 128 full fp32: {time.perf_counter() - t:.2f} s, "
-          f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
+def test_cuda_fused_kernels_match_eager_and_oracle_fp64_with_gradients():
+    """inductor's Triton kernels (the fused update on CUDA) against the eager reference in fp64,
+    scores and every parameter's gradient, through the chunked/checkpointed path; as the CPU
+    suite's test of the C++ kernels."""
+    eager = make("full", score_memory_mb=0.02).double().cuda()
+    fused = make("full", score_memory_mb=0.02, kern="fused").double().cuda()
+    regions, tokens, lengths = batch(N=4, M=4)
+    regions, tokens = regions.double().cuda(), tokens.cuda()
+    s_e, s_f = eager(regions, tokens, lengths), fused(regions, tokens, lengths)
+    torch.testing.assert_close(s_f, s_e, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        ref = oracle.forward(copy.deepcopy(eager).cpu(), regions.cpu(), tokens.cpu(), lengths)
+    torch.testing.assert_close(s_f.detach().cpu(), ref, rtol=0, atol=1e-10)
+    hinge_loss(s_e, 0.2, False).backward()
+    hinge_loss(s_f, 0.2, False).backward()
+    for (name, pe), pf in zip(eager.named_parameters(), fused.parameters()):
+        ge = torch.zeros_like(pe) if pe.grad is None else pe.grad
+        gf = torch.zeros_like(pf) if pf.grad is None else pf.grad
+        torch.testing.assert_close(gf, ge, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
-if __name__ == "__main__":
-    print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
-    for mode in ("full", "text", "image"):
-        test_cuda_fp32_matches_oracle_and_cpu(mode)
-    print("fp32 vs oracle: ok", flush=True)
-    for dt in (torch.float16, torch.bfloat16):
-        test_cuda_half_precision_runs_and_trains(dt)
-    print("fp16/bf16: ok", flush=True)
-    paper_size_speed()
+@pytest.mark.parametrize("kern", ["eager", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_scores_are_as_good_as_rounding_allows(dtype, kern):
+    """Half-precision embeddings on CUDA, eager and Triton-fused, against the fp64 oracle within
+    3x what rounding the inputs to the dtype costs the exact scores (the CPU suite's yardstick)."""
+    model = make(kern=kern)
+    regions, tokens, lengths = batch()
+    with torch.no_grad():
+        img, cap = model.encode_images(regions), model.encode_captions(tokens, lengths)
+        exact = exact_scores(model, img, cap, lengths)
+        yardstick = max_err(exact_scores(model, img, cap, lengths, dtype), exact)
+        s = model.cuda().similarity(img.to(dtype).cuda(), cap.to(dtype).cuda(), lengths)
+    assert s.dtype == torch.float32
+    assert max_err(s.cpu(), exact) <= 3 * yardstick + 2 * SPACING[dtype]
