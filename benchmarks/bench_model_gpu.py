@@ -258,10 +258,12 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     print(machine(device), flush=True)
-    if not args.no_score:
-        scoring(args, device)
-    if not args.no_train:
-        training(args, device)
+    for name, run, skip in (("scoring", scoring, args.no_score), ("training", training, args.no_train)):
+        if not skip:
+            t = time.perf_counter()
+            run(args, device)
+            # device time is scarce: the next run's plan needs what each part took
+            print(f"\n({name}: {time.perf_counter() - t:.0f} s in all)", flush=True)
 
 
 if __name__ == "__main__":
