@@ -14,11 +14,16 @@ import socket
 import pytest
 import torch
 
-from imram_dist.config import load_config
-from imram_dist.model import IMRAM
-from imram_dist.train.dist import PairLoss
-from imram_dist.train.plan import deepspeed_config
-from imram_dist.train.worker import consolidated_fp32_state_dict
+# tests/conftest.py makes DeepSpeed pick its CPU accelerator for the CPU suite (it sets
+# DS_ACCELERATOR=cpu unless already set, and pytest loads it before this file); this file is about
+# the CUDA one. DeepSpeed reads the variable at its first get_accelerator(), after this line.
+os.environ["DS_ACCELERATOR"] = "cuda"
+
+from imram_dist.config import load_config  # noqa: E402
+from imram_dist.model import IMRAM  # noqa: E402
+from imram_dist.train.dist import PairLoss  # noqa: E402
+from imram_dist.train.plan import deepspeed_config  # noqa: E402
+from imram_dist.train.worker import consolidated_fp32_state_dict  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,6 +37,8 @@ def nccl_world_of_one():
                       MASTER_PORT=str(port))
     deepspeed.init_distributed(dist_backend="nccl")
     assert torch.distributed.get_backend() == "nccl"
+    from deepspeed.accelerator import get_accelerator
+    assert get_accelerator().device_name() == "cuda"
     yield
     torch.distributed.destroy_process_group()
 

@@ -9,7 +9,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/imram-gpu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda  # tests/conftest.py defaults it to cpu for the CPU suite
 PY=${PYTHON:-python3}  # the GPU image's python3 holds torch
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "run_device.sh: installing .whl/ failed (run tests/gpu/fetch_wheels.sh first)"; exit 1; }
