@@ -184,18 +184,19 @@ def test_kernel_choice():
         make(kern="triton")
 
 
-def test_fused_kernels_match_eager_and_oracle_fp64_with_gradients():
-    """The fused (compiled) update against the eager reference, in fp64 (so any difference is a
-    bug, not rounding), scores and every parameter's gradient, through the chunked/checkpointed
-    path as well."""
-    eager = make("full", score_memory_mb=0.02).double()
-    fused = make("full", score_memory_mb=0.02, kern="fused").double()
+def fused_matches_eager_and_oracle_fp64(device: str) -> None:
+    """The fused (compiled) update against the eager reference on `device`, in fp64 (so any
+    difference is a bug, not rounding), scores and every parameter's gradient, through the
+    chunked/checkpointed path as well. tests/gpu/check_model_cuda.py runs it on CUDA."""
+    eager = make("full", score_memory_mb=0.02).double().to(device)
+    fused = make("full", score_memory_mb=0.02, kern="fused").double().to(device)
     regions, tokens, lengths = batch(N=4, M=4)
-    regions = regions.double()
+    regions, tokens = regions.double().to(device), tokens.to(device)
     s_e, s_f = eager(regions, tokens, lengths), fused(regions, tokens, lengths)
     torch.testing.assert_close(s_f, s_e, rtol=0, atol=1e-12)
     with torch.no_grad():
-        torch.testing.assert_close(s_f.detach(), oracle.forward(eager, regions, tokens, lengths), rtol=0, atol=1e-10)
+        ref = oracle.forward(copy.deepcopy(eager).cpu(), regions.cpu(), tokens.cpu(), lengths)
+        torch.testing.assert_close(s_f.detach().cpu(), ref, rtol=0, atol=1e-10)
         torch.testing.assert_close(fused(regions, tokens, lengths), s_e.detach(), rtol=0, atol=1e-12)
     hinge_loss(s_e, 0.2, False).backward()
     hinge_loss(s_f, 0.2, False).backward()
@@ -203,6 +204,10 @@ def test_fused_kernels_match_eager_and_oracle_fp64_with_gradients():
         ge = torch.zeros_like(pe) if pe.grad is None else pe.grad
         gf = torch.zeros_like(pf) if pf.grad is None else pf.grad
         torch.testing.assert_close(gf, ge, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_fused_kernels_match_eager_and_oracle_fp64_with_gradients():
+    fused_matches_eager_and_oracle_fp64("cpu")
 
 
 def test_fused_bf16_is_at_least_as_accurate_as_eager_bf16(encoded):

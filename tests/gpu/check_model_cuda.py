@@ -6,7 +6,6 @@ runs it with the other GPU check and benchmarks/bench_model_gpu.py, which has th
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 
@@ -18,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 import imram_oracle as oracle  # noqa: E402
-from test_model_precision import SPACING, batch, exact_scores, make, max_err  # noqa: E402
+from test_model_precision import SPACING, batch, exact_scores, fused_matches_eager_and_oracle_fp64, make, max_err  # noqa: E402
 
 from imram_dist.config import ModelConfig  # noqa: E402
 from imram_dist.model import IMRAM, hinge_loss  # noqa: E402
@@ -68,24 +67,8 @@ def test_cuda_half_precision_runs_and_trains(dtype):
 
 
 def test_cuda_fused_kernels_match_eager_and_oracle_fp64_with_gradients():
-    """inductor's Triton kernels (the fused update on CUDA) against the eager reference in fp64,
-    scores and every parameter's gradient, through the chunked/checkpointed path; as the CPU
-    suite's test of the C++ kernels."""
-    eager = make("full", score_memory_mb=0.02).double().cuda()
-    fused = make("full", score_memory_mb=0.02, kern="fused").double().cuda()
-    regions, tokens, lengths = batch(N=4, M=4)
-    regions, tokens = regions.double().cuda(), tokens.cuda()
-    s_e, s_f = eager(regions, tokens, lengths), fused(regions, tokens, lengths)
-    torch.testing.assert_close(s_f, s_e, rtol=0, atol=1e-12)
-    with torch.no_grad():
-        ref = oracle.forward(copy.deepcopy(eager).cpu(), regions.cpu(), tokens.cpu(), lengths)
-    torch.testing.assert_close(s_f.detach().cpu(), ref, rtol=0, atol=1e-10)
-    hinge_loss(s_e, 0.2, False).backward()
-    hinge_loss(s_f, 0.2, False).backward()
-    for (name, pe), pf in zip(eager.named_parameters(), fused.parameters()):
-        ge = torch.zeros_like(pe) if pe.grad is None else pe.grad
-        gf = torch.zeros_like(pf) if pf.grad is None else pf.grad
-        torch.testing.assert_close(gf, ge, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+    """inductor's Triton kernels (the fused update on CUDA), as the CPU suite checks its C++ ones."""
+    fused_matches_eager_and_oracle_fp64("cuda")
 
 
 @pytest.mark.parametrize("kern", ["eager", "fused"])
