@@ -232,6 +232,8 @@ class EvalConfig:
     """Seed for sampling the --report queries."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Scoring precision for evaluation: fp32 (exact reference) or bf16 (faster on AMX CPUs and GPUs)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where python -m imram_dist.evaluate and a search's final test run score: auto (CUDA if torch sees it), cpu, cuda."""
     # what python -m imram_dist.evaluate scores and where it writes (its flags are shorthands for these)
     checkpoint: str = ""
     """python -m imram_dist.evaluate: an imram-dist inference checkpoint (file, or a folder holding one)."""

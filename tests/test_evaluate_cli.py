@@ -166,6 +166,7 @@ def test_cli_one_to_one_and_inference_checkpoint(dataset, tmp_path, capsys):
     assert out["protocol"] == "1to1" and out["images"] == 6 and out["captions"] == 6
     assert 0 <= out["metrics"]["rsum"] <= 600
     assert out["precision"] == "fp32"
+    assert out["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # eval.device=auto
     # eval.precision=bf16: scored in bf16, recorded in the output; a value outside the choices is refused
     rc = main(["--checkpoint", str(path.parent), "--data", str(dataset["root"]), "--split", "dev",
                "--json", str(js), "--no-progress", "eval.precision=bf16"])
@@ -201,3 +202,22 @@ def test_model_registry_uri(dataset, tmp_path, monkeypatch):
     assert info["source"].startswith("models:/imram-test@champion")
     ref = dataset["model"].state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+
+
+def test_cli_device(dataset, tmp_path, capsys, monkeypatch):
+    """--device (eval.device) says where to score and is recorded; asking for CUDA where torch sees
+    no GPU is an error that names the key and says why, before any model or data is loaded."""
+    from imram_dist.evaluate.cli import main
+
+    ref, root, js = str(dataset["ckpt"]), str(dataset["root"]), tmp_path / "o.json"
+    rc = main(["--reference", ref, "--data", root, "--split", "dev", "--device", "cpu", "--json", str(js),
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert "pairs/s scoring in fp32 on cpu, 1 worker" in capsys.readouterr().out
+    assert json.loads(js.read_text())["device"] == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU
+    rc, err = _main(["--reference", str(dataset["base"] / "missing.pth.tar"), "--data", root, "--device", "cuda"],
+                    capsys)
+    assert rc == 2 and "eval.device=cuda: torch sees no CUDA GPU here" in err and "eval.device=cpu or auto" in err
+    rc, err = _main(["--reference", ref, "--data", root, "--device", "tpu"], capsys)
+    assert rc == 2 and "eval.device" in err and "tpu" in err

@@ -144,6 +144,18 @@ def test_cli_errors_before_any_trial(argv, expected, capsys, tmp_path, monkeypat
     assert expected in capsys.readouterr().err
 
 
+def test_eval_device_cuda_without_a_gpu_fails_before_any_trial(capsys, tmp_path, monkeypatch):
+    """The best trial's test run scores in the search's own process, after every trial: a device
+    it cannot have must fail the command at once."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    no_ray(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a driver without a GPU
+    assert main(["eval.device=cuda", f"run.storage={tmp_path}/runs"]) == 2
+    assert "eval.device=cuda: torch sees no CUDA GPU here" in capsys.readouterr().err
+
+
 def test_unreachable_tracking_server_fails_in_seconds_naming_the_uri(capsys, tmp_path, monkeypatch):
     from conftest import free_port
 

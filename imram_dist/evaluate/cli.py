@@ -29,6 +29,7 @@ SHORTHANDS = {
     "--split": "eval.split",
     "--protocol": "eval.protocol",
     "--workers": "eval.workers",
+    "--device": "eval.device",
     "--json": "eval.json_path",
     "--save-sims": "eval.save_sims",
     "--report": "eval.report_dir",
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: Config) -> int:
     from imram_dist.evaluate.loading import load_model
     from imram_dist.evaluate.report import build_report, write_report
-    from imram_dist.evaluate.scoring import evaluate_split
+    from imram_dist.evaluate.scoring import eval_device, evaluate_split
 
     ev = cfg.eval
     protocol, split, root = ev.protocol, ev.split, cfg.data.root
@@ -109,7 +110,9 @@ def _run(cfg: Config) -> int:
         from imram_dist.data import resolve_root
         root = str(resolve_root(cfg.data))
 
+    device = eval_device(ev.device)  # before loading: a CUDA request on a CPU-only machine fails first
     model, info = load_model(ev.checkpoint or None, ev.model_uri or None, ev.reference or None)
+    model.to(device)
     eval_split, load_notes = load_split(root, split, checkpoint_vocab(info))
     # the matrix is filled under a temporary name and renamed when whole, so an interrupted run
     # never leaves a complete-looking .npy at --save-sims
@@ -128,7 +131,7 @@ def _run(cfg: Config) -> int:
     header = (f"{info['source']} on {root}:{split} protocol {result.protocol}: "
               f"{result.n_images} images x {result.n_captions} captions, {result.pairs:,} pairs in "
               f"{result.seconds:.1f} s ({result.pairs / max(result.score_seconds, 1e-9):,.0f} pairs/s scoring "
-              f"in {cfg.eval.precision}, "
+              f"in {cfg.eval.precision} on {device.type}, "
               f"{result.workers} worker{'s' if result.workers > 1 else ''})")
     print(header)
     result.notes = load_notes + result.notes
@@ -139,7 +142,7 @@ def _run(cfg: Config) -> int:
     print(format_table(result.metrics, "mean over folds" if result.folds else ""))
 
     summary = {**result.to_json(), "source": info["source"], "data": root, "split": split,
-               "precision": cfg.eval.precision,
+               "precision": cfg.eval.precision, "device": device.type,
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if ev.save_sims:
         summary["sims"] = ev.save_sims

@@ -15,6 +15,7 @@ The same functions serve training's dev evaluation inside Ray Train workers
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import time
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch.distributed.elastic.utils.distributed import get_free_port
 
-from imram_dist.config import EvalConfig
+from imram_dist.config import ConfigError, EvalConfig
 from imram_dist.evaluate.metrics import (
     EvalError,
     Group,
@@ -69,6 +70,17 @@ def scoring_dtype(precision: str) -> torch.dtype:
         return PRECISIONS[precision]
     except KeyError:
         raise EvalError(f"eval.precision: expected one of {sorted(PRECISIONS)}, got {precision!r}") from None
+
+
+def eval_device(name: str) -> torch.device:
+    """The device ``eval.device`` (auto, cpu or cuda: the config checks the choice) names: "auto"
+    is CUDA when torch sees a GPU, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("eval.device=cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False: a "
+                        f"CPU build of torch {torch.__version__}, or no driver); use eval.device=cpu or auto")
+    return torch.device(name)
 
 
 def _as_tensor(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -455,10 +467,15 @@ def distributed_evaluate(model: Any, eval_split: Any, protocol: str = "auto", cf
 
 
 def _spawn_worker(rank: int, world: int, port: int, model: Any, split: dict, protocol: str, cfg: EvalConfig,
-                  sims: Any, sims_path: str | None, threads: int, progress: bool, timing: torch.Tensor) -> None:
+                  sims: Any, sims_path: str | None, threads: int, progress: bool, timing: torch.Tensor,
+                  device_type: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
+    if device_type == "cuda":  # one GPU per worker where there are enough; rows still travel over gloo
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        model = model.to(device)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         if rank == 0 and sims is None and sims_path is not None:
@@ -485,7 +502,8 @@ def evaluate_split(model: Any, eval_split: Any, protocol: str = "auto", workers:
                    cfg: EvalConfig | None = None, *, sims_path: str | os.PathLike | None = None,
                    keep_sims: bool = False, progress: bool = False) -> EvalResult:
     """Evaluate a split in this process (``workers=1``) or with ``workers`` local processes
-    (torch.multiprocessing spawn + gloo, the same code path as :func:`distributed_evaluate`).
+    (torch.multiprocessing spawn + gloo, the same code path as :func:`distributed_evaluate`),
+    on the model's device: with a model on CUDA, worker i scores on GPU i modulo the GPU count.
 
     The score matrix is written to ``sims_path`` (.npy) when given, else kept in memory or in
     a temporary memmap (``cfg.memmap_mb``); with ``keep_sims`` it is returned in ``result.sims``.
@@ -517,10 +535,13 @@ def evaluate_split(model: Any, eval_split: Any, protocol: str = "auto", workers:
                      caption_to_image=None if c2i is None else _as_tensor(np.asarray(c2i), torch.long))
         threads = max(1, torch.get_num_threads() // workers)
         inner = unwrap(model)
+        device_type = _device(inner).type
+        if device_type == "cuda":  # the workers get a CPU copy and move it to their own GPU
+            inner = copy.deepcopy(inner).cpu()
         timing = torch.zeros(1, dtype=torch.float64).share_memory_()
         mp.spawn(_spawn_worker, nprocs=workers, join=True,
                  args=(workers, get_free_port(), inner, split, protocol, cfg, shared,
-                       sims.filename if on_disk else None, threads, progress, timing))
+                       sims.filename if on_disk else None, threads, progress, timing, device_type))
         if on_disk:
             sims = np.load(sims.filename, mmap_mode="r+")
         else:
@@ -537,5 +558,5 @@ def evaluate_split(model: Any, eval_split: Any, protocol: str = "auto", workers:
 
 __all__: Sequence[str] = (
     "EvalResult", "allocate_scores", "distributed_evaluate", "encode_captions", "encode_images",
-    "evaluate_split", "gather_rows", "image_rows", "score_matrix", "scoring_dtype", "check_compatible", "Group",
+    "eval_device", "evaluate_split", "gather_rows", "image_rows", "score_matrix", "scoring_dtype", "check_compatible", "Group",
 )

@@ -128,6 +128,7 @@ def search(cfg: Config, log: Callable[[str], None] = print) -> SearchOutcome:
     import ray
     from ray import tune
 
+    from imram_dist.evaluate.scoring import eval_device
     from imram_dist.train.driver import ensure_ray, prepare_data
     from imram_dist.train.plan import check_resources, check_static, resolve_storage
     from imram_dist.tune.callbacks import ProgressPrinter, SearchTracker
@@ -153,6 +154,7 @@ def search(cfg: Config, log: Callable[[str], None] = print) -> SearchOutcome:
     space = load_space(cfg.tune.space)
     space.apply_fixed(cfg)  # plain values of the space are part of every trial's base config
     check_static(cfg)
+    eval_device(cfg.eval.device)  # the final test run scores in this process: fail now, not after the trials
     tracking = None
     if cfg.tracking.enabled:
         from imram_dist.tracking import connect
@@ -272,12 +274,14 @@ def finish_best(cfg: Config, best: TrialRow, root: str, manifest: Any, trials_st
     """Evaluate the best trial's exported model on eval.split; log and register it."""
     from imram_dist.data import load_eval_split
     from imram_dist.evaluate import evaluate_split
+    from imram_dist.evaluate.scoring import eval_device
     from imram_dist.tune.callbacks import export_trial
 
     local = export_trial(cfg, trials_storage, best.trial_id, best.params)
     from imram_dist.model import load_inference_checkpoint
 
     model, _ = load_inference_checkpoint(local)
+    model.to(eval_device(cfg.eval.device))
     split = load_eval_split(root, cfg.eval.split)
     result = evaluate_split(model, split, protocol=cfg.eval.protocol, cfg=cfg.eval)
     m = {k: float(v) for k, v in result.metrics.items()}
