@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one device call (at most 9 minutes, inside one 10-minute command; not yet run):
-# installs the wheels that tests/gpu/fetch_wheels.sh put into .whl/, runs both CUDA checks and the
-# GPU benchmark, and writes each log to $OUT. From the development machine:
+# installs the wheels that tests/gpu/fetch_wheels.sh put into .whl/, runs the three CUDA checks and
+# the GPU benchmark, and writes each log to $OUT. From the development machine:
 #     tests/gpu/fetch_wheels.sh
 #     device tool: run(command="bash tests/gpu/run_device.sh", carry=[".whl"], timeout_s=590)
 # Each step has its own time limit, so a hang in one still leaves the others' logs; the exit
@@ -30,10 +30,11 @@ step() {  # step NAME SECONDS COMMAND...: one check, its log in $OUT/NAME.log
     [ "$rc" = 0 ] || status=1
 }
 # 540 s of limits in all: the command's 600 s less the install and the transfers
-step check_model_cuda 120 "$PY" -m pytest -q -p no:cacheprovider tests/gpu/check_model_cuda.py
-step check_deepspeed_cuda 120 "$PY" -m pytest -q -p no:cacheprovider tests/gpu/check_deepspeed_cuda.py
+step check_model_cuda 110 "$PY" -m pytest -q -p no:cacheprovider tests/gpu/check_model_cuda.py
+step check_evaluate_cuda 60 "$PY" -m pytest -q -p no:cacheprovider tests/gpu/check_evaluate_cuda.py
+step check_deepspeed_cuda 110 "$PY" -m pytest -q -p no:cacheprovider tests/gpu/check_deepspeed_cuda.py
 # scoring and training in two processes, so that the scoring table comes back even if the
 # training steps (and their compiles) run out of time
-step bench_scoring_gpu 130 "$PY" benchmarks/bench_model_gpu.py --no-train
-step bench_training_gpu 170 "$PY" benchmarks/bench_model_gpu.py --no-score
+step bench_scoring_gpu 110 "$PY" benchmarks/bench_model_gpu.py --no-train
+step bench_training_gpu 150 "$PY" benchmarks/bench_model_gpu.py --no-score
 exit $status
