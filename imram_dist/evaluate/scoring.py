@@ -79,7 +79,7 @@ def eval_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("eval.device=cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False: a "
-                        f"CPU build of torch {torch.__version__}, or no driver); use eval.device=cpu or auto")
+                          f"CPU build of torch {torch.__version__}, or no driver); use eval.device=cpu or auto")
     return torch.device(name)
 
 
