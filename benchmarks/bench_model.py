@@ -174,11 +174,12 @@ def with_kernels(model: IMRAM, name: str, matmul: str) -> IMRAM:
     return m.train(model.training)
 
 
-def auto_mark(dtype: torch.dtype, kern: str, matmul: str) -> str:
-    """" (auto)" on the path that the defaults (kernels=auto, fp32_matmul=auto) pick here."""
-    cpu = torch.device("cpu")
-    auto = kernels.select("auto", cpu, dtype, D, "auto")
-    this = kernels.select(kern, cpu, dtype, D, matmul)
+def auto_mark(dtype: torch.dtype, kern: str, matmul: str, device: torch.device | None = None) -> str:
+    """" (auto)" on the path that the defaults (kernels=auto, fp32_matmul=auto) pick on this device
+    (the CPU by default)."""
+    device = device or torch.device("cpu")
+    auto = kernels.select("auto", device, dtype, D, "auto")
+    this = kernels.select(kern, device, dtype, D, matmul)
     return " (auto)" if auto is this else ""
 
 

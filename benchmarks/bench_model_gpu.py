@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_model as bm  # noqa: E402  (imports imram_dist before torch, as bench_model.py needs)
 import torch  # noqa: E402
 
-from imram_dist.model import IMRAM, hinge_loss, kernels  # noqa: E402
+from imram_dist.model import IMRAM, hinge_loss  # noqa: E402
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 NAMES = {F32: "fp32", BF16: "bf16", F16: "fp16"}
@@ -39,12 +39,6 @@ def dtypes(device: torch.device) -> list[torch.dtype]:
     # fp16 is a GPU dtype here: CPU fp16 matmuls have no fast kernels, and the model is not
     # benchmarked (or tuned) for them
     return [F32, BF16, F16] if device.type == "cuda" else [F32, BF16]
-
-
-def auto_mark(device: torch.device, dtype: torch.dtype, kern: str) -> str:
-    """" (auto)" on the path that the defaults (kernels=auto, fp32_matmul=auto) pick on this device."""
-    auto = kernels.select("auto", device, dtype, bm.D, "auto")
-    return " (auto)" if auto is kernels.select(kern, device, dtype, bm.D, "torch") else ""
 
 
 def synced(fn, device: torch.device):
@@ -133,7 +127,8 @@ def scoring(args, device: torch.device) -> None:
     print(f"| per-caption loop, fp32 | {loop_ms:.4f} | {1e3 / loop_ms:,.0f} | 1.0x | | | |")
     for k, (dt, kern) in paths.items():
         ms = med[k] / (n_img * n_cap) * 1e3
-        print(f"| {k}{auto_mark(device, dt, kern)} | {ms:.4f} | {1e3 / ms:,.0f} | {loop_ms / ms:.1f}x | "
+        mark = bm.auto_mark(dt, kern, "torch", device)
+        print(f"| {k}{mark} | {ms:.4f} | {1e3 / ms:,.0f} | {loop_ms / ms:.1f}x | "
               f"{fl / med[k] / 1e9:,.0f} | {100 * fl / med[k] / 1e9 / rate[dt]:.0f}% | {errs[k]:.1e} |")
     ceiling = ", ".join(f"{NAMES[dt]} {loop_ms / (fl / (n_img * n_cap) / (r * 1e9) * 1e3):.0f}x"
                         for dt, r in rate.items())
@@ -223,7 +218,8 @@ def training(args, device: torch.device) -> None:
         if loop:
             print(f"| per-caption loop, fp32 | {med[p] * 1e3:.1f} | 1.0x | | | {gib} |")
             continue
-        print(f"| {p}{auto_mark(device, ac or F32, kern)} | {med[p] * 1e3:.1f} | {loop_s / med[p]:.1f}x | "
+        mark = bm.auto_mark(ac or F32, kern, "torch", device)
+        print(f"| {p}{mark} | {med[p] * 1e3:.1f} | {loop_s / med[p]:.1f}x | "
               f"{fl / med[p] / 1e9:,.0f} | {100 * fl / med[p] / 1e9 / rate[ac or F32]:.0f}% | {gib} |", flush=True)
     ceiling = ", ".join(f"{NAMES[dt]} {loop_s / (fl / (r * 1e9)):.0f}x" for dt, r in rate.items())
     print(f"\nCeiling here (the scoring matmuls, forward and backward, at the dense rate of the dtype; "
