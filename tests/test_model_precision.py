@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from imram_dist.config import ModelConfig
-from imram_dist.model import IMRAM, hinge_loss, kernels
+from imram_dist.model import IMRAM, hinge_loss, kernels, l2norm
 
 D_IMG, D, WORD, VOCAB = 24, 32, 16, 30
 SPACING = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -10}  # distance from 1 to the next value
@@ -155,6 +155,21 @@ def test_a_bf16_model_trains_and_scores_close_to_its_exact_scores():
 
 
 # ----------------------------------------------------------------------------- fused kernels
+
+def test_fp16_encoders_give_zeros_not_nan_at_padded_positions():
+    """In fp16 the spec's eps (1e-8) rounds to 0: an all-zero vector, which every padded word
+    position of the caption encoder is, normalised to 0/0. It must stay zero, and a non-zero
+    vector must normalise as in fp32 up to fp16 rounding."""
+    model = make().half()
+    regions, tokens, lengths = batch()
+    cap = model.encode_captions(tokens, lengths)
+    pad = torch.arange(cap.shape[1]) >= lengths.unsqueeze(1)
+    assert pad.any() and torch.isfinite(cap).all() and (cap[pad] == 0).all()
+    assert torch.isfinite(model.encode_images(torch.zeros_like(regions).half())).all()  # zero fc output at init
+    x = torch.randn(6, D)
+    assert max_err(l2norm(x.half()), l2norm(x)) <= SPACING[torch.float16]
+    assert l2norm(x).dtype == torch.float32 and torch.equal(l2norm(x), x / (x.norm(dim=-1, keepdim=True) + 1e-8))
+
 
 def test_kernel_choice():
     cpu = torch.device("cpu")

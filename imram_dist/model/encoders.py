@@ -15,10 +15,19 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 EPS = 1e-8
 
 
+def norm_eps(dtype: torch.dtype, eps: float = EPS) -> float:
+    """eps as a tensor of this dtype can hold it. fp16 rounds 1e-8 to 0, so an all-zero vector (a
+    padded word position, a zero region) normalised to 0/0 = NaN; in fp16 it is fp16's smallest
+    normal number (6.1e-5) instead, which changes x / ||x|| by a relative 6.1e-5 / ||x||: less than
+    fp16's own rounding (2^-11) for ||x|| >= 1/8. fp32 and bf16 keep eps (their smallest normal
+    number is ~1e-38)."""
+    return max(eps, torch.finfo(dtype).tiny)
+
+
 def l2norm(x: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
     """x / (||x|| + eps) along dim (the authors' l2norm)."""
     # vector_norm's backward is 0 (not NaN) at an all-zero vector, e.g. a padded word position
-    return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + eps)
+    return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + norm_eps(x.dtype, eps))
 
 
 class ImageEncoder(nn.Module):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .encoders import EPS, l2norm
+from .encoders import EPS, l2norm, norm_eps
 from .kernels import EAGER, Kernels, accumulation_dtype, gate_eager
 
 TINY = 1e-30  # floor under squared norms before sqrt: keeps gradients finite, never changes a value
@@ -111,7 +111,7 @@ def prepare(V: torch.Tensor, W: torch.Tensor, lengths: torch.Tensor, text: bool,
 def _renorm(X: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and X.requires_grad:
         return l2norm(X)
-    return X.div_(torch.linalg.vector_norm(X, dim=-1, keepdim=True).add_(EPS))
+    return X.div_(torch.linalg.vector_norm(X, dim=-1, keepdim=True).add_(norm_eps(X.dtype)))
 
 
 def later_update(kern: Kernels, proj: torch.Tensor, X: torch.Tensor, w: torch.Tensor,
