@@ -7,13 +7,15 @@ Not collected by the CPU suite (no test_ prefix). On a GPU machine:
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from imram_dist.config import EvalConfig, ModelConfig
 from imram_dist.evaluate import evaluate_split
-from imram_dist.evaluate.scoring import _SplitView, eval_device
+from imram_dist.evaluate.scoring import eval_device
 from imram_dist.model import IMRAM
 
 
@@ -22,7 +24,8 @@ def _model_and_split():
     model = IMRAM(ModelConfig(image_dim=12, embed_size=16, word_dim=8, vocab_size=30, steps=3)).eval()
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(2, 9, (35,), generator=g)
-    split = _SplitView(regions=torch.randn(7, 5, 12, generator=g), tokens=torch.randint(0, 30, (35, 8), generator=g),
+    # a split is anything with regions, tokens, lengths (and caption_to_image): what load_eval_split returns
+    split = SimpleNamespace(regions=torch.randn(7, 5, 12, generator=g), tokens=torch.randint(0, 30, (35, 8), generator=g),
                        lengths=lengths, caption_to_image=torch.arange(35) // 5)
     return model, split
 
