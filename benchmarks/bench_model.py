@@ -143,6 +143,28 @@ def fast_flops(mode: str, n_img: int, lengths: torch.Tensor, L_pad: int) -> floa
     return total
 
 
+def projection_rows(mode: str, n_img: int, lengths: torch.Tensor) -> list[int]:
+    """Rows of each per-pair query projection W_x x_k (k = 1 .. K-2) of a block of n_img images x
+    len(lengths) captions: the text direction's n_img x (real words), the image direction's
+    captions x n_img x R."""
+    rows = []
+    if mode in ("full", "text"):
+        rows.append(n_img * int(lengths.sum()))
+    if mode in ("full", "image"):
+        rows.append(len(lengths) * n_img * R)
+    return rows * max(K - 2, 0)
+
+
+def projections(dtype: torch.dtype, rows: list[int]):
+    """The per-pair projections alone, at the block's shapes, through the backend that
+    model.fp32_matmul=auto picks for the dtype on this CPU (kernels.linear_*, row chunks included)."""
+    kern = kernels.select("eager", torch.device("cpu"), dtype, D, "auto")
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(max(rows), D, generator=g) * D ** -0.5).to(dtype)
+    w = (torch.randn(2 * D, D, generator=g) * D ** -0.5).to(dtype)
+    return lambda: [kern.linear(x[:r], w) for r in rows]
+
+
 def mm_flops() -> float:
     return 2.0 * MM[0] * MM[1] * MM[2]
 
@@ -235,6 +257,9 @@ def scoring(args) -> None:
     fns = {"loop": lambda: loop_scores(model, img, cap[:n_loop_cap], lengths[:n_loop_cap]), **dense_matmuls()}
     for k, (dt, _, _) in paths.items():
         fns[k] = (lambda m=models[k], i=inputs[dt]: m.similarity(*i, lengths))
+    rows = projection_rows(args.mode, n_img, lengths)
+    if rows:
+        fns.update({f"projections {dt}": projections(dt, rows) for dt in (torch.float32, bf)})
     med = interleaved(fns, args.rounds)
     ref = loop_scores(model, img, cap[:n_loop_cap], lengths[:n_loop_cap])
     errs = {}
@@ -261,6 +286,14 @@ def scoring(args) -> None:
     print(f"\nCeiling of this algebra on this machine (its matmul FLOPs at 100% of the fastest dense matmul "
           f"of the dtype, elementwise work free): fp32 {ceiling[torch.float32]:.1f}x, bf16 {ceiling[bf]:.1f}x "
           f"the fp32 loop.")
+    if rows:  # what any implementation that computes W_x x_k with this matmul can reach
+        share = 100 * sum(rows) * 2 * D * 2 * D / fl
+        bound = {dt: med[f"projections {dt}"] / (n_img * n_cap) * 1e3 for dt in (torch.float32, bf)}
+        print(f"The per-pair projections alone (W_x x_k for k = 1..K-2 of every pair: {share:.0f}% of these matmul "
+              f"FLOPs, the only width-d work per pair that the algebra leaves), at this block's shapes, in the same "
+              f"rounds, through the backend auto picks: fp32 {bound[torch.float32]:.3f} ms/pair "
+              f"({loop_ms / bound[torch.float32]:.1f}x the loop), bf16 {bound[bf]:.3f} ms/pair "
+              f"({loop_ms / bound[bf]:.1f}x): the most any path could reach if all the rest of scoring were free.")
 
 
 # ------------------------------------------------------------------ training step
