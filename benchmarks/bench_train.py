@@ -73,6 +73,7 @@ def ds_loop(c):
     from imram_dist.model import IMRAM
     from imram_dist.train.dist import PairLoss
     from imram_dist.train.plan import deepspeed_config, micro_batch
+    from imram_dist.train.recipe import skip_shm_comm_op
 
     torch.set_num_threads(1)
     cfg = from_dict(c["cfg"])
@@ -83,6 +84,7 @@ def ds_loop(c):
     model = IMRAM(cfg.model)
     net = PairLoss(model, cfg.model.margin, cfg.model.max_violation, grad_scale=float(world))
     opt = torch.optim.Adam(net.parameters(), lr=cfg.train.lr)
+    skip_shm_comm_op()  # as the training workers do
     engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=deepspeed_config(cfg, world, False))
     times = []
     for i, (r, t, lengths) in enumerate(batches):

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -17,6 +18,9 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed JIT-builds its C++ ops into TORCH_EXTENSIONS_DIR: one of the session's own (the Ray
+# workers inherit it), so that a test can see whether a run built any (test_train_ray.py: none).
+os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="imram-test-torch-extensions-")
 
 
 def free_port() -> int:

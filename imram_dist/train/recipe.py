@@ -87,6 +87,25 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed's CPU accelerator from building and loading its shared-memory all-reduce op.
+
+    DeepSpeed's communication backend JIT-compiles that C++ op when it starts (g++ and ninja: ~18 s
+    alone, ~26 s beside a second starting trial, in every new environment and on every node, the
+    other workers waiting on its build lock) and loads it into every worker. It serves only
+    deepspeed.comm.inference_all_reduce (tensor-parallel inference), which training never calls: the
+    gradient all-reduce and the embedding gathers go through torch.distributed's gloo. DeepSpeed
+    skips an op that its probe table deepspeed.ops.__compatible_ops__ marks incompatible; the table
+    is built once per process and keeps this edit. Call before deepspeed.initialize."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    table = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if builder is not None and table is not None:
+        table[builder.NAME] = False
+
+
 def format_duration(seconds: float) -> str:
     """1m05s, 2h01m: the time-left notes of the progress lines."""
     seconds = int(round(seconds))
@@ -133,6 +152,8 @@ class TrainRecipe:
         net = PairLoss(self.model, cfg.model.margin, cfg.model.max_violation, grad_scale=float(self.world))
         self.optimizer = torch.optim.Adam(net.parameters(), lr=cfg.train.lr)
         ds_config = deepspeed_config(cfg, self.world, args.use_gpu)
+        if not args.use_gpu:
+            skip_shm_comm_op()
         with _prints_discarded():  # DeepSpeed prints "... built successfully" once per rank
             self.engine, _, _, _ = deepspeed.initialize(model=net, optimizer=self.optimizer, config=ds_config)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
