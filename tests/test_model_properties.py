@@ -194,3 +194,50 @@ def test_default_budget_trains_a_batch_of_32_at_paper_sizes_in_one_chunk():
     per_pair = bytes_per_pair(36, 12.3, 16, 1024, 3, True, True, 4, grad=True)
     assert 1.5e6 <= per_pair <= 1.9e6  # the measured peak: 1.5 (fused) - 1.7 (eager) MB per pair
     assert ModelConfig().score_memory_mb * 2**20 // per_pair >= 32 * 32
+
+
+# ------------------------------------------------------------------------- short softmax rows
+
+@pytest.mark.parametrize("row", [1, 9, 15, 16, 36])
+def test_softmax_last_matches_torch_softmax_with_gradients(row):
+    """scoring.softmax_last (its own passes below SHORT_SOFTMAX_ROW, torch's softmax from there):
+    values and gradients equal torch.softmax's in fp64, masked (-inf) entries give 0 and get no
+    gradient, and a large shift (scores near lambda) neither overflows nor changes a weight."""
+    from imram_dist.model.scoring import softmax_last
+
+    g = torch.Generator().manual_seed(row)
+    x = (torch.randn(3, 5, row, generator=g, dtype=torch.float64) * 9).requires_grad_()
+    mask = torch.rand(3, 5, row, generator=g) < 0.3
+    mask[..., 0] = False  # every row keeps an entry, as every caption keeps a word
+    w = torch.randn(3, 5, row, generator=g, dtype=torch.float64)
+    for shift in (0.0, 80.0):
+        ours = softmax_last((x + shift).masked_fill(mask, float("-inf")))
+        ref = torch.softmax((x + shift).masked_fill(mask, float("-inf")), dim=-1)
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-15)
+        assert bool((ours[mask] == 0).all())
+        (d_ours,) = torch.autograd.grad((ours * w).sum(), x)
+        (d_ref,) = torch.autograd.grad((ref * w).sum(), x)
+        torch.testing.assert_close(d_ours, d_ref, rtol=1e-10, atol=1e-12)
+        assert bool((d_ours[mask] == 0).all())
+    with torch.no_grad():  # fp32 with a shift that would overflow exp() without the row max
+        big = torch.softmax(x.detach().float() + 100.0, dim=-1)
+        torch.testing.assert_close(softmax_last(x.detach().float() + 100.0), big, rtol=1e-6, atol=1e-7)
+
+
+def test_segment_sum_is_the_per_caption_sum():
+    """scoring.segment_sum: the packed words' sums per caption, for [n, T, R] and [n, T] inputs,
+    exact in fp64 against a loop over the captions' word ranges (the last caption of the block
+    longest, as the packing makes no assumption on order)."""
+    from imram_dist.model.scoring import segment_sum
+
+    lengths = [3, 1, 4, 2, 6]
+    seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    g = torch.Generator().manual_seed(0)
+    for shape in ((3, len(seg), 7), (3, len(seg))):
+        x = torch.randn(*shape, generator=g, dtype=torch.float64)
+        out = segment_sum(x, seg, len(lengths))
+        start = 0
+        for j, n_words in enumerate(lengths):
+            torch.testing.assert_close(out[:, j], x[:, start:start + n_words].sum(1), rtol=0, atol=1e-14)
+            start += n_words
+        assert out.shape == (3, len(lengths), *shape[2:])
