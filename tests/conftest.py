@@ -3,7 +3,9 @@ per test session, so that tests pay their start-up cost once."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # DeepSpeed JIT-builds its C++ ops into TORCH_EXTENSIONS_DIR: one of the session's own (the Ray
 # workers inherit it), so that a test can see whether a run built any (test_train_ray.py: none).
 os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="imram-test-torch-extensions-")
+atexit.register(shutil.rmtree, os.environ["TORCH_EXTENSIONS_DIR"], ignore_errors=True)
 
 
 def free_port() -> int:

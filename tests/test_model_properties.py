@@ -226,8 +226,7 @@ def test_softmax_last_matches_torch_softmax_with_gradients(row):
 
 def test_segment_sum_is_the_per_caption_sum():
     """scoring.segment_sum: the packed words' sums per caption, for [n, T, R] and [n, T] inputs,
-    exact in fp64 against a loop over the captions' word ranges (the last caption of the block
-    longest, as the packing makes no assumption on order)."""
+    exact in fp64 against a loop over the captions' word ranges."""
     from imram_dist.model.scoring import segment_sum
 
     lengths = [3, 1, 4, 2, 6]

@@ -60,7 +60,8 @@ def test_fault_recovery_zero1_learns(ray_cluster, cache_dir, tmp_path):
     assert out.best_metrics["rsum"] > LEARNED_RSUM, out.history
     assert out.resumed_at == [1]  # restarted once, from the epoch-1 checkpoint
     _check_export(out.local_export_path, out.best_metrics, cache_dir)
-    # four worker starts (2 workers, restarted once), and none compiled DeepSpeed's shm all-reduce op (recipe.skip_shm_comm_op)
+    # four worker starts (2 workers, restarted once), and none compiled DeepSpeed's shm
+    # all-reduce op (recipe.skip_shm_comm_op)
     built = list(Path(os.environ["TORCH_EXTENSIONS_DIR"]).rglob("deepspeed_shm_comm*"))
     assert not built, built
 

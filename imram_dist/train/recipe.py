@@ -154,7 +154,7 @@ class TrainRecipe:
         ds_config = deepspeed_config(cfg, self.world, args.use_gpu)
         if not args.use_gpu:
             skip_shm_comm_op()
-        with _prints_discarded():  # DeepSpeed prints "... built successfully" once per rank
+        with _prints_discarded():  # DeepSpeed prints "... built successfully" once per rank and op
             self.engine, _, _, _ = deepspeed.initialize(model=net, optimizer=self.optimizer, config=ds_config)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
         self.gas = cfg.train.grad_accum
