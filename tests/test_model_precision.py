@@ -316,6 +316,26 @@ def test_projection_matches_one_torch_matmul_with_gradients(linear, rows, monkey
                 torch.testing.assert_close(linear(x, weight, b), want.detach(), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weight_gradient_in_pieces_is_as_accurate_as_one_matmul(dtype, monkeypatch):
+    """In half precision the projection's weight gradient is summed over 8-row pieces (37 rows: four
+    whole pieces and a tail of 5) in fp32, each piece's x^T copied contiguous: against the fp64
+    product it must be as close as one half-precision matmul of the whole, i.e. within a few roundings
+    of the result."""
+    monkeypatch.setattr(kernels, "ROW_CHUNK", 8)
+    g = torch.Generator().manual_seed(5)
+    x64, up64 = torch.randn(37, 32, generator=g, dtype=torch.float64), torch.randn(37, 48, generator=g, dtype=torch.float64)
+    x, up = x64.to(dtype), up64.to(dtype)
+    weight = torch.randn(48, 32, generator=g).to(dtype).requires_grad_()
+    kernels.linear_torch(x, weight).backward(up)
+    exact = up.double().t() @ x.double()  # grad^T @ x of the rounded inputs
+    whole = (up.t() @ x).double()
+    scale = float(exact.abs().max())
+    err, err_whole = float((weight.grad.double() - exact).abs().max()), float((whole - exact).abs().max())
+    assert weight.grad.dtype == dtype and weight.grad.shape == (48, 32)
+    assert err <= max(2 * err_whole, SPACING[dtype] * scale), (err, err_whole, scale)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_row_chunked_projections_leave_scores_and_gradients_unchanged(dtype, monkeypatch):
     """The whole model with 4-row projection pieces (every projection of this batch is chunked, with a
