@@ -225,6 +225,23 @@ def test_fused_kernels_match_eager_and_oracle_fp64_with_gradients():
     fused_matches_eager_and_oracle_fp64("cpu")
 
 
+@pytest.mark.parametrize("q_rows", [1, 3], ids=["broadcast", "full"])
+def test_fused_gate_backward_returns_gradients_of_its_inputs_shapes(q_rows):
+    """The fused update's own backward (before autograd's checks, which would silently sum a
+    gradient of the wrong shape) returns gradients shaped like a, q and b, with eager's values, for
+    the first step's broadcast query and addend as well as for full ones."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(q_rows, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(q_rows, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad((kernels.gate_eager(a, q, b) * up).sum(), (a, q, b))
+    got = kernels._FusedGate.apply(a, q, b).grad_fn.apply(up)
+    assert [tuple(t.shape) for t in got] == [tuple(a.shape), tuple(q.shape), tuple(b.shape)]
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+
+
 def test_fused_bf16_is_at_least_as_accurate_as_eager_bf16(encoded):
     """In bf16 the fused update computes in fp32 registers and rounds once; eager rounds after
     every pass. Both must meet the rounding yardstick."""
@@ -316,13 +333,15 @@ def test_projection_matches_one_torch_matmul_with_gradients(linear, rows, monkey
                 torch.testing.assert_close(linear(x, weight, b), want.detach(), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("transpose", ["torch", "inductor"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_weight_gradient_in_pieces_is_as_accurate_as_one_matmul(dtype, monkeypatch):
+def test_half_precision_weight_gradient_in_pieces_is_as_accurate_as_one_matmul(dtype, transpose, monkeypatch):
     """In half precision the projection's weight gradient is summed over 8-row pieces (37 rows: four
-    whole pieces and a tail of 5) in fp32, each piece's x^T copied contiguous: against the fp64
-    product it must be as close as one half-precision matmul of the whole, i.e. within a few roundings
-    of the result."""
+    whole pieces and a tail of 5) in fp32, each piece's x^T copied contiguous (by torch's copy, or by
+    inductor's kernel at wide models): against the fp64 product it must be as close as one
+    half-precision matmul of the whole, i.e. within a few roundings of the result."""
     monkeypatch.setattr(kernels, "ROW_CHUNK", 8)
+    monkeypatch.setattr(kernels, "COMPILED_TRANSPOSE_MIN_WIDTH", 0 if transpose == "inductor" else 10**9)
     g = torch.Generator().manual_seed(5)
     x64, up64 = torch.randn(37, 32, generator=g, dtype=torch.float64), torch.randn(37, 48, generator=g, dtype=torch.float64)
     x, up = x64.to(dtype), up64.to(dtype)

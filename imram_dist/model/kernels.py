@@ -113,7 +113,7 @@ _RECOMPILE_LIMIT = 64
 
 @functools.cache
 def _compiled(name: str) -> Callable:
-    fn = {"fwd": _gate_fwd, "fwd_save": _gate_fwd_save, "bwd": _gate_bwd}[name]
+    fn = {"fwd": _gate_fwd, "fwd_save": _gate_fwd_save, "bwd": _gate_bwd, "transpose": _transpose}[name]
     return torch.compile(fn, dynamic=True)
 
 
@@ -137,8 +137,9 @@ class _FusedGate(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         pre, q = ctx.saved_tensors
         a_shape, b_shape = ctx.shapes
+        q_shape = q.shape
         grad = grad.contiguous()
-        if q.shape != grad.shape:
+        if q_shape != grad.shape:
             # q broadcasts (size-1 leading dim: the first step). Given such a q, inductor splits the
             # backward into two loops with two fp32 buffers between them; a contiguous copy keeps it
             # one loop (same bits). [32, 1152, 1024] bf16 on the AMX Xeon of the README's run: 40 ms
@@ -147,7 +148,7 @@ class _FusedGate(torch.autograd.Function):
         d_pre, d_q = _call("bwd", pre, q, grad)
         d_a = d_pre.sum_to_size(a_shape) if ctx.needs_input_grad[0] else None
         d_b = d_pre.sum_to_size(b_shape) if ctx.needs_input_grad[2] else None
-        d_q = d_q.sum_to_size(q.shape) if ctx.needs_input_grad[1] else None
+        d_q = d_q.sum_to_size(q_shape) if ctx.needs_input_grad[1] else None
         return d_a, d_q, d_b
 
 
@@ -217,21 +218,34 @@ def _by_rows(backend: str, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tenso
     return out
 
 
+def _transpose(x: torch.Tensor) -> torch.Tensor:
+    return x.t().contiguous()
+
+
+# From this width up, the half-precision weight gradient transposes its pieces with an inductor
+# kernel (compiled once per process, like the fused gate at these widths); below, torch's copy.
+COMPILED_TRANSPOSE_MIN_WIDTH = 512
+
+
 def _weight_grad(backend: str, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """grad^T @ x (CPU), computed as its transpose x^T @ grad: both backends copy or repack a
     transposed input, and x^T is half the size of grad^T. In half precision, ROW_CHUNK rows at a
     time, each piece of x^T copied to a contiguous matrix while it is in cache, the pieces summed in
-    fp32: torch's transposing copy of a whole [36,864 x 1,024] bf16 matrix took 82 ms against 3 ms for
-    a 4,096-row piece. On the AMX Xeon of the README's run, for [36,864 x 2,048]^T @ [36,864 x 1,024]
-    (the image direction's projection at batch 32): bf16 109 ms in pieces, 136 whole, 151 for
-    grad^T @ x; fp32 377 whole, 420 in pieces, 426 for grad^T @ x."""
+    fp32. Measured on the AMX Xeon of the README's run, bf16:
+      * a transposing copy of a 4,096 x 1,024 piece: 3.2 ms through torch, 0.8 ms through inductor's
+        tiled kernel (a whole 36,864-row matrix: 79 and 21 ms);
+      * [36,864 x 2,048]^T @ [36,864 x 1,024] (the image direction's projection at batch 32): 109 ms
+        in pieces with torch's copy, 136 whole, 151 as grad^T @ x; in fp32 377 whole, 420 in pieces,
+        426 as grad^T @ x."""
     if backend == "onednn":
         return onednn_linear(x.t(), grad.t()).t()
     if x.dtype not in (torch.bfloat16, torch.float16) or x.shape[0] <= ROW_CHUNK:
         return (x.t() @ grad).t()
+    compiled = x.shape[1] >= COMPILED_TRANSPOSE_MIN_WIDTH and fused_available(x.device)
     acc = torch.zeros(x.shape[1], grad.shape[1], dtype=torch.float32, device=x.device)
     for i in range(0, x.shape[0], ROW_CHUNK):
-        acc += x[i:i + ROW_CHUNK].t().contiguous() @ grad[i:i + ROW_CHUNK]
+        piece = x[i:i + ROW_CHUNK]
+        acc += (_call("transpose", piece) if compiled else piece.t().contiguous()) @ grad[i:i + ROW_CHUNK]
     return acc.t().to(x.dtype)
 
 
