@@ -113,7 +113,7 @@ _RECOMPILE_LIMIT = 64
 
 @functools.cache
 def _compiled(name: str) -> Callable:
-    fn = {"fwd": _gate_fwd, "fwd_save": _gate_fwd_save, "bwd": _gate_bwd, "transpose": _transpose}[name]
+    fn = {"fwd": _gate_fwd, "fwd_save": _gate_fwd_save, "bwd": _gate_bwd}[name]
     return torch.compile(fn, dynamic=True)
 
 
@@ -162,7 +162,7 @@ def gate_fused(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor) -> torch.Tenso
 # ------------------------------------------------------------------ the per-pair projection
 # The one matmul paid per pair, x @ W_x^T ([pairs x query rows, d] @ [d, 2d]), is ~90% of the FLOPs of
 # fp32 scoring. torch runs fp32 matmuls on x86 through MKL, whose sgemm takes its AVX2 code on CPUs
-# that are not Intel's: on the AMD EPYC (AVX-512) of the README's "Performance" run, this matmul at
+# that are not Intel's: on the AMD EPYC (AVX-512) of the run in docs/model.md, "CPU figures", this matmul at
 # [25,000 x 1,024] @ [1,024 x 2,048] ran at ~190 GFLOP/s through MKL and ~360 GFLOP/s through oneDNN
 # (the library torch already uses for bf16). oneDNN's fp32 result is IEEE fp32 (no reduced-precision
 # accumulation); it differs from MKL's only in summation order (~1e-6 relative).
@@ -170,7 +170,7 @@ def gate_fused(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor) -> torch.Tenso
 
 # On CPU the projections run ROW_CHUNK rows at a time, each piece written into one output. oneDNN
 # (torch's bf16 matmul, and fp32 with fp32_matmul=onednn) slows down for some row counts: on the AMD
-# EPYC of the README's run, [M x 1,024] @ [1,024 x 2,048] in bf16 ran at 460-500 GFLOP/s for
+# EPYC of that run, [M x 1,024] @ [1,024 x 2,048] in bf16 ran at 460-500 GFLOP/s for
 # M = 25,184 (32 x 787: the text-direction rows of the scoring benchmark) and M = 28,117 (31 x 907),
 # and at ~850 for M = 25,000 or 24,576; in fp32 through oneDNN 300 against 450. Of 40 random row
 # counts between 20,000 and 30,000, 12 lost more than 25% (the 8 of them factored each had a prime
@@ -218,34 +218,22 @@ def _by_rows(backend: str, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tenso
     return out
 
 
-def _transpose(x: torch.Tensor) -> torch.Tensor:
-    return x.t().contiguous()
-
-
-# From this width up, the half-precision weight gradient transposes its pieces with an inductor
-# kernel (compiled once per process, like the fused gate at these widths); below, torch's copy.
-COMPILED_TRANSPOSE_MIN_WIDTH = 512
-
-
 def _weight_grad(backend: str, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """grad^T @ x (CPU), computed as its transpose x^T @ grad: both backends copy or repack a
     transposed input, and x^T is half the size of grad^T. In half precision, ROW_CHUNK rows at a
     time, each piece of x^T copied to a contiguous matrix while it is in cache, the pieces summed in
-    fp32. Measured on the AMX Xeon of the README's run, bf16:
-      * a transposing copy of a 4,096 x 1,024 piece: 3.2 ms through torch, 0.8 ms through inductor's
-        tiled kernel (a whole 36,864-row matrix: 79 and 21 ms);
-      * [36,864 x 2,048]^T @ [36,864 x 1,024] (the image direction's projection at batch 32): 109 ms
-        in pieces with torch's copy, 136 whole, 151 as grad^T @ x; in fp32 377 whole, 420 in pieces,
-        426 as grad^T @ x."""
+    fp32. Measured on the AMX Xeon of the README's run, for [36,864 x 2,048]^T @ [36,864 x 1,024]
+    (the image direction's projection at batch 32): bf16 125 ms in pieces, 166 as one x^T @ grad,
+    176 as grad^T @ x (the pieces' transposing copies with an inductor kernel instead of torch's:
+    152, although alone that kernel copied a piece in 0.8 ms against 3.2); fp32 377 ms as one
+    x^T @ grad, 420 in pieces, 426 as grad^T @ x."""
     if backend == "onednn":
         return onednn_linear(x.t(), grad.t()).t()
     if x.dtype not in (torch.bfloat16, torch.float16) or x.shape[0] <= ROW_CHUNK:
         return (x.t() @ grad).t()
-    compiled = x.shape[1] >= COMPILED_TRANSPOSE_MIN_WIDTH and fused_available(x.device)
     acc = torch.zeros(x.shape[1], grad.shape[1], dtype=torch.float32, device=x.device)
     for i in range(0, x.shape[0], ROW_CHUNK):
-        piece = x[i:i + ROW_CHUNK]
-        acc += (_call("transpose", piece) if compiled else piece.t().contiguous()) @ grad[i:i + ROW_CHUNK]
+        acc += x[i:i + ROW_CHUNK].t().contiguous() @ grad[i:i + ROW_CHUNK]
     return acc.t().to(x.dtype)
 
 

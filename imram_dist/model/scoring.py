@@ -115,7 +115,7 @@ def _renorm(X: torch.Tensor) -> torch.Tensor:
 
 
 # torch's CPU softmax over the last dim takes a scalar path for rows shorter than this: ~16 ns per
-# element on the AMD EPYC of the README's run, against ~3 ns for rows of 16 and more. The synthetic
+# element on the AMD EPYC of docs/model.md's CPU figures, against ~3 ns for rows of 16 and more. The synthetic
 # corpus's 9 regions and blocks of short captions (the image direction's context) hit it.
 SHORT_SOFTMAX_ROW = 16
 
