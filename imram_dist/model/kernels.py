@@ -240,7 +240,7 @@ def _weight_grad(backend: str, x: torch.Tensor, grad: torch.Tensor) -> torch.Ten
 class _Linear(torch.autograd.Function):
     """x @ weight.t() + bias (weight: [out, in]) with the forward and the input gradient in row chunks,
     all three matmuls in one backend. The weight gradient's reduction runs over the rows, which
-    showed no slow row counts; it is one matmul, but in half precision (see _weight_grad)."""
+    showed no slow row counts; it is one matmul, except in half precision (see _weight_grad)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, backend):  # type: ignore[override]
