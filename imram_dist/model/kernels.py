@@ -223,10 +223,10 @@ def _weight_grad(backend: str, x: torch.Tensor, grad: torch.Tensor) -> torch.Ten
     transposed input, and x^T is half the size of grad^T. In half precision, ROW_CHUNK rows at a
     time, each piece of x^T copied to a contiguous matrix while it is in cache, the pieces summed in
     fp32. Measured on the AMX Xeon of the README's run, for [36,864 x 2,048]^T @ [36,864 x 1,024]
-    (the image direction's projection at batch 32): bf16 125 ms in pieces, 166 as one x^T @ grad,
-    176 as grad^T @ x (the pieces' transposing copies with an inductor kernel instead of torch's:
-    152, although alone that kernel copied a piece in 0.8 ms against 3.2); fp32 377 ms as one
-    x^T @ grad, 420 in pieces, 426 as grad^T @ x."""
+    (the image direction's projection at batch 32), in one bf16 run: 125 ms in pieces, 166 as one
+    x^T @ grad, 176 as grad^T @ x, 152 in pieces transposed by an inductor kernel (which alone copied
+    a piece in 0.8 ms against torch's 3.2); in one fp32 run: 377 ms as one x^T @ grad, 420 in
+    pieces, 426 as grad^T @ x."""
     if backend == "onednn":
         return onednn_linear(x.t(), grad.t()).t()
     if x.dtype not in (torch.bfloat16, torch.float16) or x.shape[0] <= ROW_CHUNK:
