@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -30,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from imram_dist.data import TrainPairs, iter_shard, read_manifest  # noqa: E402
 from imram_dist.data.shards import Manifest, ShardInfo, ShardWriter, SplitInfo, write_manifest  # noqa: E402
 from imram_dist.data.tokenize import Vocabulary  # noqa: E402
-from imram_dist.model import kernels  # noqa: E402
+from imram_dist.machine import describe_cpu  # noqa: E402
 
 WORDS = "a man woman dog cat riding sitting on the red blue bike street with table near grass".split()
 
@@ -86,12 +85,6 @@ def interleaved(fns: dict, rounds: int) -> dict:
             n, wall, cpu = f()
             best[k] = (max(best[k][0], n / wall), min(best[k][1], 1e3 * cpu / n))
     return best
-
-
-def cpu_model() -> str:
-    name = kernels.cpu_info("model name") or platform.processor() or "unknown CPU"
-    bf16 = [fl for fl in kernels.cpu_info("flags").split() if "bf16" in fl]
-    return f"{name}, {os.cpu_count()} CPUs, bf16 flags: {' '.join(bf16) or 'none'}"
 
 
 def train_rate(batch, threads):
@@ -150,7 +143,7 @@ def main():
     images = args.images or (600 if args.quick else 3000)
     tb = args.train_batch or (16 if args.quick else 128)
     args.rounds = args.rounds or (2 if args.quick else 3)
-    print(f"CPU: {cpu_model()}; load average {os.getloadavg()[0]:.1f}")
+    print(f"CPU: {describe_cpu()}; load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, "ds")
         t0 = time.perf_counter()

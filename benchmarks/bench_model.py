@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ import imram_dist  # noqa: E402, I001
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from imram_dist.config import ModelConfig  # noqa: E402
+from imram_dist.machine import describe_cpu  # noqa: E402
 from imram_dist.model import IMRAM, hinge_loss, kernels  # noqa: E402
 
 R, D_IMG, D, K, VOCAB = 36, 2048, 1024, 3, 10000
@@ -59,16 +59,10 @@ def embeddings(n_img: int, n_cap: int, seed: int = 0):
 
 
 def machine() -> str:
-    name = kernels.cpu_info("model name") or platform.processor() or "unknown CPU"
-    flags = kernels.cpu_info("flags").split()
-    bf16 = [fl for fl in ("amx_bf16", "amx_tile", "avx512_bf16") if fl in flags]
     memory = ", ".join(f"{env}={os.environ.get(env, 'unset')}"
                        for env in (imram_dist.HUGE_PAGES_ENV, imram_dist.KEEP_FREED_MEMORY_ENV))
-    return (f"{name}, {os.cpu_count()} CPUs, bf16 support: {' '.join(bf16) or 'none (no AMX/AVX512-BF16)'}; "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads; memory settings: {memory}")
+    return f"{describe_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads; memory settings: {memory}"
 
-
-# ------------------------------------------------------------------ the authors' structure
 
 def _l2norm(x, dim, eps=1e-8):
     return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)

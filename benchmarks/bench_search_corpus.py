@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,7 +37,8 @@ import torch  # noqa: E402
 from imram_dist.config import load_config  # noqa: E402
 from imram_dist.data import TrainPairs, iter_shard, load_eval_split, read_manifest, resolve_root  # noqa: E402
 from imram_dist.evaluate import distributed_evaluate  # noqa: E402
-from imram_dist.model import IMRAM, hinge_loss, kernels  # noqa: E402
+from imram_dist.machine import describe_cpu  # noqa: E402
+from imram_dist.model import IMRAM, hinge_loss  # noqa: E402
 from imram_dist.train.plan import lr_at_epoch  # noqa: E402
 
 # A handful of points from the lead's space (tune/default.yaml: margin 0.05-0.5, K 1-3,
@@ -54,10 +54,6 @@ CONFIGS: list[dict[str, object]] = [
     {"model.max_violation": False},
     {"train.lr_update": 1},
 ]
-
-
-def cpu_model() -> str:
-    return kernels.cpu_info("model name") or platform.processor() or "unknown"
 
 
 def twin_rows(root: str, split: str, keys: list[str]) -> list[int]:
@@ -164,7 +160,7 @@ def main() -> None:
     root = resolve_root(cfg.data)
     gen_s = time.perf_counter() - t0
     m = read_manifest(root)
-    print(f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+    print(f"CPU: {describe_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
           f"1-min load average at start {os.getloadavg()[0]:.2f}")
     print(f"corpus {root} (ready in {gen_s:.1f}s): binding={cfg.data.synth.binding} noise={cfg.data.synth.noise} "
           f"train {m.splits['train'].images} images, dev {m.splits['dev'].images}; model d={cfg.model.embed_size} "

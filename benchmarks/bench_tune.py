@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -21,24 +20,9 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def bf16_flags() -> str:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    return ", ".join(found) or "none"
+from imram_dist.machine import describe_cpu  # noqa: E402 (torch-free)
 
 
 def run(args: list[str], cwd: Path) -> tuple[float, str]:
@@ -78,7 +62,7 @@ def main() -> None:
 
     repo = Path(__file__).resolve().parent.parent
     work = Path(tempfile.mkdtemp(prefix="bench_tune_"))
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores), bf16: {bf16_flags()}; load average before: "
+    print(f"CPU: {describe_cpu()}; load average before: "
           f"{os.getloadavg()[0]:.1f}; working folder {work}")
     common = [f"run.storage={work}/runs", f"tracking.uri=sqlite:///{work}/mlflow.db", f"data.cache_dir={work}/cache"]
     wall, out = run(["--trials", str(args.trials), "--name", "bench", *common], work)
@@ -133,7 +117,7 @@ def main() -> None:
     for r in rows:
         ax_m.scatter(r["margin"], r["rsum"], color=colours.get(r["steps"], "grey"), alpha=0.6)
     ax_m.set(xlabel="model.margin", ylabel="best dev rsum", title="rsum by margin (colour: K)")
-    fig.suptitle(f"{len(rows)} trials, {cpu_model()}", fontsize=9)
+    fig.suptitle(f"{len(rows)} trials, {describe_cpu()}", fontsize=7)
     fig.tight_layout()
     out = repo / args.out
     out.parent.mkdir(parents=True, exist_ok=True)

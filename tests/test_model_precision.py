@@ -262,7 +262,6 @@ def test_fused_bf16_is_at_least_as_accurate_as_eager_bf16(encoded):
 def test_auto_matmul_takes_onednn_for_fp32_on_x86_cpus_not_made_by_intel(monkeypatch):
     cpu = torch.device("cpu")
     assert kernels.onednn_available()  # the CPU build of torch the project installs has it
-    assert kernels.cpu_info("processor") == "0" and kernels.cpu_info("no such field") == ""  # Linux
     for vendor, want in (("AuthenticAMD", "onednn"), ("HygonGenuine", "onednn"), ("GenuineIntel", "torch"),
                          ("", "torch")):
         monkeypatch.setattr(kernels, "cpu_vendor", lambda v=vendor: v)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from imram_dist.machine import cpu_info
+
 CHOICES = ("auto", "eager", "fused")
 
 
@@ -292,19 +294,6 @@ def onednn_available() -> bool:
         return bool(torch.allclose(onednn_linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-5))
     except (RuntimeError, AttributeError):  # op missing or not built for this CPU
         return False
-
-
-def cpu_info(field: str) -> str:
-    """A field of the first CPU in /proc/cpuinfo ("vendor_id", "model name", "flags"), "" where
-    there is none (another OS, another architecture)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.split(":", 1)[0].strip() == field:
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 @functools.cache
