@@ -231,13 +231,11 @@ class IMRAM(nn.Module):
         return rows[0] if len(rows) == 1 else torch.cat(rows, 0)
 
     def _mdu_weights(self, dtype: torch.dtype, device: torch.device, text: bool, image: bool):
-        """(W_x, W_c, b) of each direction's MDU in the compute dtype (recomputed per call: ~1 ms per
-        matrix at paper sizes, nothing next to a block; a cache keyed on weight versions would miss
+        """(W_x, W_c, b) of each direction's MDU in the compute dtype (recomputed per call: a few ms
+        per MDU at paper sizes, nothing next to a block; a cache keyed on weight versions would miss
         DeepSpeed's in-place .data updates)."""
-        mdu_t = tuple(t.to(device, dtype) for t in scoring.split_mdu(self.gate_t2i, self.linear_t2i)) \
-            if text else None
-        mdu_i = tuple(t.to(device, dtype) for t in scoring.split_mdu(self.gate_i2t, self.linear_i2t)) \
-            if image else None
+        mdu_t = scoring.split_mdu(self.gate_t2i, self.linear_t2i, dtype, device) if text else None
+        mdu_i = scoring.split_mdu(self.gate_i2t, self.linear_i2t, dtype, device) if image else None
         return mdu_t, mdu_i
 
     def forward(self, regions: torch.Tensor, tokens: torch.Tensor, lengths) -> torch.Tensor:
