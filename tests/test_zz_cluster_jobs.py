@@ -109,7 +109,11 @@ def hand_cluster(tmp_path_factory) -> Iterator[dict]:
     ray_tmp = [tempfile.mkdtemp(prefix="imram-ray-", dir="/tmp") for _ in range(2)]
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               DS_ACCELERATOR="cpu", RAY_DEDUP_LOGS="0", RAY_USAGE_STATS_ENABLED="0")
+               DS_ACCELERATOR="cpu", RAY_DEDUP_LOGS="0", RAY_USAGE_STATS_ENABLED="0",
+               # On SIGTERM, `ray start --block` (Ray 2.60) first drains its node for Serve, up to this
+               # many seconds (default 30); the head never finished draining here, so every teardown
+               # waited the full 30 s. This test stops its own cluster: no drain.
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     env.pop("RAY_ADDRESS", None)
     gcs_port, dash_port, mlflow_port = free_port(), free_port(), free_port()
     per_node_ports = lambda: [f"--dashboard-agent-listen-port={free_port()}",  # noqa: E731
