@@ -2,10 +2,10 @@
 benchmarks/bench_tune.py can say it without importing torch).
 
 The model name alone does not identify a CPU: two hosts of this project's machines both said
-"AMD EPYC", and their dense bf16 matmul rates on 2 threads differed 4.4x (920 against 208 GFLOP/s;
-docs/model.md, "CPU figures"). The x86 family/model numbers tell such CPUs apart (AMD family 25 is
-Zen 3/4, 26 is Zen 5), and the core count says whether the CPUs share cores: two SMT siblings share
-one core's vector units, so a second thread adds little to a matmul.
+"AMD EPYC", and their dense bf16 matmul ran at 920 GFLOP/s on 2 threads on one (docs/model.md,
+"CPU figures") and at 270-370 on the other (x86 family 25 model 17, a Zen 4: ~180 per thread).
+The x86 family/model numbers tell such CPUs apart (AMD family 25 is Zen 3/4, 26 is Zen 5), and the
+core count says whether the CPUs share cores (SMT siblings share one core's vector units).
 """
 
 from __future__ import annotations
