@@ -229,7 +229,7 @@ def training(args, device: torch.device) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run of the same code")
-    ap.add_argument("--quick", action="store_true", help="tiny blocks and batch, two rounds (a dry run)")
+    ap.add_argument("--quick", action="store_true", help="tiny blocks and batch, one round (a dry run)")
     ap.add_argument("--mode", default="full", choices=["full", "text", "image"], help="scoring mode")
     ap.add_argument("--rounds", type=int, default=5, help="scoring rounds")
     ap.add_argument("--train-rounds", type=int, default=3, help="training rounds")
@@ -248,7 +248,7 @@ def main() -> None:
         sys.exit("bench_model_gpu.py: no CUDA device here (torch.cuda.is_available() is False); "
                  "use --device cpu --quick for a dry run, or benchmarks/bench_model.py for CPU figures")
     if args.quick:
-        args.rounds, args.train_rounds, args.batch = 2, 2, 8
+        args.rounds, args.train_rounds, args.batch = 1, 1, 8
         args.images, args.captions, args.loop_captions, args.mm_rows, args.mm_repeat = 8, 16, 4, 2048, 1
     # fp32 means IEEE fp32 here: TF32 matmuls (and cuDNN's TF32 GRU) would make it another precision
     torch.backends.cuda.matmul.allow_tf32 = False
