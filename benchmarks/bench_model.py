@@ -64,6 +64,8 @@ def machine() -> str:
     return f"{describe_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads; memory settings: {memory}"
 
 
+# ------------------------------------------------------------------ the authors' structure
+
 def _l2norm(x, dim, eps=1e-8):
     return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
 
