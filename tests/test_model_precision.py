@@ -15,6 +15,10 @@ yardstick and not a fixed number.
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import imram_oracle as oracle
 import pytest
@@ -240,6 +244,45 @@ def test_fused_gate_backward_returns_gradients_of_its_inputs_shapes(q_rows):
     assert [tuple(t.shape) for t in got] == [tuple(a.shape), tuple(q.shape), tuple(b.shape)]
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+
+
+COMPILE_AT_WIDTH = """
+import json, sys
+import torch
+from torch._inductor.utils import run_and_get_code
+from imram_dist.model import kernels
+d = int(sys.argv[1])
+bf = torch.bfloat16
+a, q, b = torch.randn(1, 1, 2 * d, dtype=bf), torch.randn(1, 1, d, dtype=bf), torch.randn(1, 1, 2 * d, dtype=bf)
+report = {}
+with torch.no_grad():
+    for name, args in (("fwd", (a, q, b)), ("fwd_save", (a, q, b)), ("bwd", (a, q, q.clone()))):
+        source = "\\n".join(run_and_get_code(lambda: kernels._call(name, *args))[1])
+        report[name] = {"parallel": "#pragma omp parallel" in source,
+                        "lanes": [n for n in (16, 32) if f"loadu(in_ptr0 + static_cast<int64_t>(x" in source
+                                  and f"static_cast<int64_t>({n}));" in source]}
+print(json.dumps(report))
+"""
+
+
+def test_fused_kernels_compiled_in_another_process_at_another_width_are_not_reused(tmp_path):
+    """Inductor's CPU code depends on the sizes of the call that compiles a graph, also for
+    dynamic dims, and its on-disk cache hands that code to later processes (kernels.py, "The width
+    is static"). A process that compiled the kernels for one row of width 16 must not hand them to
+    a process at width 48 (in bf16 they would run 16-lane vectors, and without a parallel loop);
+    and every kernel has an OpenMP parallel loop however few rows compiled it.
+    run_and_get_code also returns code that the on-disk cache served."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+
+    def run(d: int) -> dict:
+        out = subprocess.run([sys.executable, "-c", COMPILE_AT_WIDTH, str(d)], env=env, check=True,
+                             capture_output=True, text=True, timeout=600)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    narrow = run(16)
+    assert all(r["parallel"] and r["lanes"] == [16] for r in narrow.values()), narrow
+    wide = run(48)
+    assert all(r["parallel"] and r["lanes"] == [32] for r in wide.values()), wide
 
 
 def test_fused_bf16_is_at_least_as_accurate_as_eager_bf16(encoded):

@@ -77,11 +77,20 @@ class IMRAM(nn.Module):
     def _block_fn(self, grad: bool):
         """The scoring core for one block: eager, or (no grad, config.compile_scoring) compiled once
         with dynamic shapes, so ragged edge blocks and new batch sizes reuse the same graph (only a
-        size-1 block dimension specialises; dynamo's recompile limit bounds the rest)."""
+        size-1 block dimension and the width specialise; dynamo's recompile limit bounds the rest)."""
         if grad or not self.config.compile_scoring:
             return self._block
         if self._compiled_block is None:
-            self._compiled_block = torch.compile(scoring.score_block, dynamic=True)
+            compiled = torch.compile(scoring.score_block, dynamic=True, options=kernels.INDUCTOR_OPTIONS)
+            d = self.config.embed_size
+
+            def block(*args, **kw):  # widths static, as for the fused kernels (kernels.static_width)
+                for t in args:
+                    if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] in (d, 2 * d):
+                        kernels.static_width(t)
+                return compiled(*args, **kw)
+
+            self._compiled_block = block
         return self._compiled_block
 
     # ------------------------------------------------------------------ encoders
