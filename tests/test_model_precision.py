@@ -247,7 +247,7 @@ def test_fused_gate_backward_returns_gradients_of_its_inputs_shapes(q_rows):
 
 
 COMPILE_AT_WIDTH = """
-import json, sys
+import json, re, sys
 import torch
 from torch._inductor.utils import run_and_get_code
 from imram_dist.model import kernels
@@ -258,9 +258,8 @@ report = {}
 with torch.no_grad():
     for name, args in (("fwd", (a, q, b)), ("fwd_save", (a, q, b)), ("bwd", (a, q, q.clone()))):
         source = "\\n".join(run_and_get_code(lambda: kernels._call(name, *args))[1])
-        report[name] = {"parallel": "#pragma omp parallel" in source,
-                        "lanes": [n for n in (16, 32) if f"loadu(in_ptr0 + static_cast<int64_t>(x" in source
-                                  and f"static_cast<int64_t>({n}));" in source]}
+        lanes = re.findall(r"Vectorized<at::BFloat16>::loadu\\([^;]*static_cast<int64_t>\\((\\d+)\\)\\);", source)
+        report[name] = {"parallel": "#pragma omp parallel" in source, "lanes": sorted({int(n) for n in lanes})}
 print(json.dumps(report))
 """
 
