@@ -267,8 +267,9 @@ print(json.dumps(report))
 def test_fused_kernels_compiled_in_another_process_at_another_width_are_not_reused(tmp_path):
     """Inductor's CPU code depends on the sizes of the call that compiles a graph, also for
     dynamic dims, and its on-disk cache hands that code to later processes (kernels.py, "The width
-    is static"). A process that compiled the kernels for one row of width 16 must not hand them to
-    a process at width 48 (in bf16 they would run 16-lane vectors, and without a parallel loop);
+    is static"). A process that compiled the kernels for one row half a vector wide must not hand
+    them to a process at a wider width (in bf16 they would run half-width vectors, and without a
+    parallel loop);
     and every kernel has an OpenMP parallel loop however few rows compiled it.
     run_and_get_code also returns code that the on-disk cache served."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
@@ -278,10 +279,18 @@ def test_fused_kernels_compiled_in_another_process_at_another_width_are_not_reus
                              capture_output=True, text=True, timeout=600)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    narrow = run(16)
-    assert all(r["parallel"] and r["lanes"] == [16] for r in narrow.values()), narrow
-    wide = run(48)
-    assert all(r["parallel"] and r["lanes"] == [32] for r in wide.values()), wide
+    # The widths follow this CPU's vector length: 16 and 48 with AVX512's 32 bf16 lanes, 8 and 24
+    # with AVX2's 16. Half a vector wide, the kernels run half-width vectors; the wide process must
+    # get full ones. Without a vector ISA both run scalar code, and only the parallel loop is checked.
+    from torch._inductor import cpu_vec_isa
+
+    isa = cpu_vec_isa.pick_vec_isa()
+    lanes = isa.nelements(torch.bfloat16) if isa else 32
+    want_narrow, want_wide = ([lanes // 2], [lanes]) if isa else ([], [])
+    narrow = run(lanes // 2)
+    assert all(r["parallel"] and r["lanes"] == want_narrow for r in narrow.values()), (str(isa), narrow)
+    wide = run(3 * lanes // 2)
+    assert all(r["parallel"] and r["lanes"] == want_wide for r in wide.values()), (str(isa), wide)
 
 
 def test_fused_bf16_is_at_least_as_accurate_as_eager_bf16(encoded):
