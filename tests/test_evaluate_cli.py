@@ -148,7 +148,7 @@ def test_cli_flags_are_config_keys(capsys):
     assert "--no-progress" in out and "eval.progress  (default True)" in out and "eval.model_uri=''" in out
 
 
-def test_cli_one_to_one_and_inference_checkpoint(dataset, tmp_path, capsys):
+def test_cli_one_to_one_and_inference_checkpoint(dataset, tmp_path, capsys, monkeypatch):
     """A 1:1 split with auto protocol, from an imram-dist inference checkpoint (in-process)."""
     from imram_dist.data import read_manifest
     from imram_dist.model import save_inference_checkpoint
@@ -167,12 +167,25 @@ def test_cli_one_to_one_and_inference_checkpoint(dataset, tmp_path, capsys):
     assert 0 <= out["metrics"]["rsum"] <= 600
     assert out["precision"] == "fp32"
     assert out["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # eval.device=auto
-    # eval.precision=bf16: scored in bf16, recorded in the output; a value outside the choices is refused
-    rc = main(["--checkpoint", str(path.parent), "--data", str(dataset["root"]), "--split", "dev",
-               "--json", str(js), "--no-progress", "eval.precision=bf16"])
-    assert rc == 0, capsys.readouterr().err
-    assert "pairs/s scoring in bf16" in capsys.readouterr().out
-    assert json.loads(js.read_text())["precision"] == "bf16"
+    assert not any("bf16" in note for note in out["notes"])
+    # eval.precision=bf16: scored in bf16, recorded in the output, with a note that says to use fp32
+    # where torch can only emulate bf16 matmuls on this CPU (an AVX2-only x86 CPU); the second run
+    # pretends the opposite of what this CPU is, so both branches run on every machine
+    from imram_dist.model import kernels
+
+    slow_here = out["device"] == "cpu" and not kernels.cpu_bf16_matmul_native()
+    for slow in (slow_here, not slow_here and out["device"] == "cpu"):
+        monkeypatch.setattr(kernels, "cpu_bf16_matmul_native", lambda slow=slow: not slow)
+        rc = main(["--checkpoint", str(path.parent), "--data", str(dataset["root"]), "--split", "dev",
+                   "--json", str(js), "--no-progress", "eval.precision=bf16"])
+        assert rc == 0, capsys.readouterr().err
+        printed = capsys.readouterr().out
+        assert "pairs/s scoring in bf16" in printed
+        saved = json.loads(js.read_text())
+        assert saved["precision"] == "bf16"
+        noted = [n for n in saved["notes"] if n.startswith("eval.precision=bf16: this CPU has no bf16 matmul")]
+        assert len(noted) == slow and ("use fp32 on this machine" in noted[0] if slow else True), saved["notes"]
+        assert (f"note: {noted[0]}" in printed) if slow else "eval.precision=bf16" not in printed
     rc = main(["--checkpoint", str(path.parent), "--data", str(dataset["root"]), "--split", "dev",
                "--no-progress", "eval.precision=fp16"])
     assert rc == 2 and "eval.precision" in capsys.readouterr().err

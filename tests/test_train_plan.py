@@ -34,6 +34,27 @@ def test_deepspeed_config(stage, precision):
     assert "fp16" not in ds
 
 
+def test_bf16_on_a_cpu_that_torch_can_only_emulate_it_on_gets_a_warning_per_key(monkeypatch):
+    """The worker's warning (recipe.train) where bf16 matmuls would run in torch's reference loops:
+    for each of train.precision and eval.precision set to bf16, on CPU only."""
+    import torch
+
+    from imram_dist.model import kernels
+    from imram_dist.train.plan import precision_warnings
+
+    both = cfg(**{"train.precision": "bf16", "eval.precision": "bf16"})
+    monkeypatch.setattr(kernels, "cpu_bf16_matmul_native", lambda: False)
+    warned = precision_warnings(both, torch.device("cpu"))
+    assert [w.split(":")[0] for w in warned] == ["train.precision=bf16", "eval.precision=bf16"]
+    assert all("this CPU has no bf16 matmul" in w and "use fp32 on this machine" in w for w in warned)
+    assert [w.split(":")[0] for w in precision_warnings(cfg(**{"eval.precision": "bf16"}), torch.device("cpu"))] \
+        == ["eval.precision=bf16"]
+    assert precision_warnings(cfg(), torch.device("cpu")) == []
+    assert precision_warnings(both, torch.device("cuda")) == []
+    monkeypatch.setattr(kernels, "cpu_bf16_matmul_native", lambda: True)
+    assert precision_warnings(both, torch.device("cpu")) == []
+
+
 def test_fp16_only_on_gpu():
     c = cfg(**{"train.precision": "fp16"})
     with pytest.raises(ConfigError, match="fp16 needs GPUs"):

@@ -38,6 +38,7 @@ from imram_dist.evaluate.metrics import (
     retrieval_metrics,
 )
 from imram_dist.model import unwrap
+from imram_dist.model.kernels import slow_bf16_note
 
 CaptionBlocks = list  # list of (c0, emb [b, Lb, d], lengths [b]) in caption order
 
@@ -334,9 +335,12 @@ def check_compatible(model: Any, eval_split: Any) -> None:
         raise EvalError("every caption needs at least one token")
 
 
-def _plan(eval_split: Any, protocol: str, cfg: EvalConfig) -> ProtocolPlan:
+def _plan(eval_split: Any, protocol: str, cfg: EvalConfig, model: Any) -> ProtocolPlan:
     regions, tokens, _, c2i = _split_arrays(eval_split)
-    return plan_protocol(protocol, regions.shape[0], tokens.shape[0], c2i, cfg.fold_images)
+    plan = plan_protocol(protocol, regions.shape[0], tokens.shape[0], c2i, cfg.fold_images)
+    if scoring_dtype(cfg.precision) == torch.bfloat16 and (note := slow_bf16_note(_device(unwrap(model)))):
+        plan.notes.append(f"eval.precision=bf16: {note}")
+    return plan
 
 
 def _storage_shape(plan: ProtocolPlan) -> tuple[int, ...]:
@@ -438,7 +442,7 @@ def distributed_evaluate(model: Any, eval_split: Any, protocol: str = "auto", cf
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     check_compatible(model, eval_split)
-    plan = _plan(eval_split, protocol, cfg)
+    plan = _plan(eval_split, protocol, cfg, model)
     inner = unwrap(model)
     was_training = inner.training
     inner.eval()
@@ -514,7 +518,7 @@ def evaluate_split(model: Any, eval_split: Any, protocol: str = "auto", workers:
     if workers < 1:
         raise EvalError(f"--workers must be at least 1, got {workers}")
     check_compatible(model, eval_split)
-    plan = _plan(eval_split, protocol, cfg)
+    plan = _plan(eval_split, protocol, cfg, model)
     shape = _storage_shape(plan)
     t0 = time.perf_counter()
     if workers == 1:

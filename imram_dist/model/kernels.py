@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from imram_dist.machine import cpu_info
+from imram_dist.machine import cpu_info, describe_cpu
 
 CHOICES = ("auto", "eager", "fused")
 
@@ -316,6 +316,26 @@ def onednn_available() -> bool:
 def cpu_vendor() -> str:
     """The x86 vendor string of this CPU ("GenuineIntel", "AuthenticAMD", ...), "" if unknown."""
     return cpu_info("vendor_id")
+
+
+@functools.cache
+def cpu_bf16_matmul_native() -> bool:
+    """Whether torch runs bf16 matmuls on this CPU through oneDNN (x86 with AVX512 or AMX/AVX512-BF16,
+    ARM with bf16): torch's own test, True when it cannot say. Without it torch falls back to
+    reference loops: on an AVX2-only AMD EPYC (x86 family 25 model 1) a 4608x1024 @ 1024x2048 bf16
+    matmul ran at 0.4 GFLOP/s against 129 in fp32 (docs/model.md, "bf16 on CPUs without it")."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def slow_bf16_note(device: torch.device) -> str | None:
+    """What to tell someone who asked for bf16 on this device, if torch can only emulate it here."""
+    if device.type != "cpu" or cpu_bf16_matmul_native():
+        return None
+    return (f"this CPU has no bf16 matmul in torch ({describe_cpu()}), so torch computes bf16 matmuls in "
+            "reference loops, tens to hundreds of times slower than fp32: use fp32 on this machine")
 
 
 def matmul_choice(device: torch.device, dtype: torch.dtype) -> str:

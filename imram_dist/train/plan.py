@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imram_dist.config import Config, ConfigError, TrainConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 def lr_at_epoch(train: TrainConfig, epoch: int) -> float:
@@ -59,6 +62,15 @@ def check_precision(precision: str, use_gpu: bool) -> None:
     if precision == "fp16" and not use_gpu:
         raise ConfigError("train.precision=fp16 needs GPUs (cluster.use_gpu=true): DeepSpeed's CPU "
                           "accelerator has no fp16 training; use fp32 or bf16 on CPU")
+
+
+def precision_warnings(cfg: Config, device: torch.device) -> list[str]:
+    """What a worker on ``device`` says before training when the run's bf16 would be emulated there."""
+    from imram_dist.model.kernels import slow_bf16_note
+
+    return [f"{key}=bf16: {note}" for key, precision in (("train.precision", cfg.train.precision),
+                                                        ("eval.precision", cfg.eval.precision))
+            if precision == "bf16" and (note := slow_bf16_note(device))]
 
 
 def check_static(cfg: Config) -> None:

@@ -187,7 +187,7 @@ class TrainRecipe:
         import ray.train
 
         from imram_dist.data import TrainPairs, load_eval_split
-        from imram_dist.train.plan import micro_batch
+        from imram_dist.train.plan import micro_batch, precision_warnings
 
         cfg, st = self.cfg, self.state
         mb = micro_batch(cfg, self.world)
@@ -199,6 +199,8 @@ class TrainRecipe:
         say(self.rank, f"[train] {self.world} worker(s) on {len(set(self.nodes))} node(s), device "
                        f"{self.device.type}, ZeRO {cfg.train.zero_stage}, {cfg.train.precision}, micro batch "
                        f"{mb} x {self.world} workers x {self.gas} accumulation = global batch {cfg.data.batch_size}")
+        for warning in precision_warnings(cfg, self.device):
+            say(self.rank, f"[train] warning: {warning}")
         if st.epochs_done >= cfg.train.epochs and st.history:
             # Nothing left to train (a rerun of a finished run, or a search trial resumed after its
             # last checkpoint): report the last epoch again, without a checkpoint, so whoever watches
