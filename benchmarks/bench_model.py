@@ -5,6 +5,11 @@ written like the authors' code, all measured in the same run.
     python benchmarks/bench_model.py             # scoring + training step, a few minutes
     python benchmarks/bench_model.py --quick     # smaller blocks, fewer rounds
     python benchmarks/bench_model.py --no-train  # scoring only
+    python benchmarks/bench_model.py --dtypes fp32  # fp32 paths only
+
+bf16 paths run only where torch has a bf16 matmul on this CPU (kernels.cpu_bf16_matmul_native:
+AVX512 or AMX/AVX512-BF16); on an AVX2-only CPU torch emulates it hundreds of times slower than
+fp32 and the run prints that it left them out (--dtypes fp32,bf16 runs them anyway).
 
 Prints the CPU model and its bf16 support, the load average, and tables:
 - scoring: ms/pair per path, speed-up against the fp32 per-caption loop, achieved GFLOP/s
@@ -204,11 +209,13 @@ def auto_mark(dtype: torch.dtype, kern: str, matmul: str, device: torch.device |
 # The dense matmul whose rate the paths are compared with, in each backend torch offers on CPU:
 # torch's own (MKL for fp32 on x86, oneDNN for bf16) and oneDNN's fp32 linear (what
 # fp32_matmul=onednn runs); "% of same-dtype matmul" is against the faster of the fp32 two.
-def dense_matmuls() -> dict:
+def dense_matmuls(dtypes: list[torch.dtype]) -> dict:
     bf = torch.bfloat16
     a32, w32 = torch.randn(MM[0], MM[1]), torch.randn(MM[2], MM[1])
     a16, w16 = a32.to(bf), w32.to(bf)
-    fns = {"mm fp32": lambda: a32 @ w32.t(), "mm bf16": lambda: a16 @ w16.t()}
+    fns = {"mm fp32": lambda: a32 @ w32.t()}
+    if bf in dtypes:
+        fns["mm bf16"] = lambda: a16 @ w16.t()
     if kernels.onednn_available():
         fns["mm fp32 onednn"] = lambda: kernels.onednn_linear(a32, w32)
     return fns
@@ -218,7 +225,8 @@ def matmul_rates(med: dict) -> dict:
     """GFLOP/s per dtype (fp32: the faster backend), plus each backend's under its own key."""
     out = {k: mm_flops() / med[k] / 1e9 for k in med if k.startswith("mm ")}
     out[torch.float32] = max(v for k, v in out.items() if k.startswith("mm fp32"))
-    out[torch.bfloat16] = out["mm bf16"]
+    if "mm bf16" in out:
+        out[torch.bfloat16] = out["mm bf16"]
     return out
 
 
@@ -226,8 +234,16 @@ def describe_rates(rate: dict) -> str:
     fp32 = f"fp32 {rate['mm fp32']:.0f} (torch)"
     if "mm fp32 onednn" in rate:
         fp32 += f" / {rate['mm fp32 onednn']:.0f} (oneDNN)"
-    return (f"dense matmul {MM[0]}x{MM[1]} @ {MM[1]}x{MM[2]} in the same rounds: {fp32} GFLOP/s, "
-            f"bf16 {rate['mm bf16']:.0f} GFLOP/s ({rate['mm bf16'] / rate[torch.float32]:.1f}x the faster fp32)")
+    bf16 = (f", bf16 {rate['mm bf16']:.0f} GFLOP/s ({rate['mm bf16'] / rate[torch.float32]:.1f}x the faster fp32)"
+            if "mm bf16" in rate else "")
+    return f"dense matmul {MM[0]}x{MM[1]} @ {MM[1]}x{MM[2]} in the same rounds: {fp32} GFLOP/s{bf16}"
+
+
+def ceilings(ceiling: dict) -> str:
+    return ", ".join(f"{NAMES[dt]} {x:.1f}x" for dt, x in ceiling.items())
+
+
+NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 SCORE_PATHS = {  # name: (dtype, kernels, fp32 matmul backend)
@@ -243,19 +259,21 @@ def scoring(args) -> None:
     torch.manual_seed(0)
     model = IMRAM(paper_config(args.mode)).eval()
     bf = torch.bfloat16
-    paths = {k: v for k, v in SCORE_PATHS.items() if v[2] == "torch" or kernels.onednn_available()}
+    paths = {k: v for k, v in SCORE_PATHS.items()
+             if (v[2] == "torch" or kernels.onednn_available()) and v[0] in args.dtypes}
     models = {k: with_kernels(model, kern, mm).eval() for k, (_, kern, mm) in paths.items()}
     inputs = {torch.float32: (img, cap), bf: (img.to(bf), cap.to(bf))}
     t0 = time.perf_counter()
     for k, (dt, _, _) in paths.items():  # compile the fused kernels outside the timed rounds
         models[k].similarity(*inputs[dt], lengths)
     compile_s = time.perf_counter() - t0
-    fns = {"loop": lambda: loop_scores(model, img, cap[:n_loop_cap], lengths[:n_loop_cap]), **dense_matmuls()}
+    fns = {"loop": lambda: loop_scores(model, img, cap[:n_loop_cap], lengths[:n_loop_cap]),
+           **dense_matmuls(args.dtypes)}
     for k, (dt, _, _) in paths.items():
         fns[k] = (lambda m=models[k], i=inputs[dt]: m.similarity(*i, lengths))
     rows = projection_rows(args.mode, n_img, lengths)
     if rows:
-        fns.update({f"projections {dt}": projections(dt, rows) for dt in (torch.float32, bf)})
+        fns.update({f"projections {dt}": projections(dt, rows) for dt in args.dtypes})
     med = interleaved(fns, args.rounds)
     ref = loop_scores(model, img, cap[:n_loop_cap], lengths[:n_loop_cap])
     errs = {}
@@ -278,18 +296,17 @@ def scoring(args) -> None:
         ms = med[k] / (n_img * n_cap) * 1e3
         print(f"| {k}{auto_mark(dt, kern, mm)} | {ms:.3f} | {loop_ms / ms:.1f}x | {fl / med[k] / 1e9:.0f} | "
               f"{100 * fl / med[k] / 1e9 / rate[dt]:.0f}% | {errs[k]:.1e} |")
-    ceiling = {dt: loop_ms / (fl / (n_img * n_cap) / (rate[dt] * 1e9) * 1e3) for dt in (torch.float32, bf)}
+    ceiling = {dt: loop_ms / (fl / (n_img * n_cap) / (rate[dt] * 1e9) * 1e3) for dt in args.dtypes}
     print(f"\nCeiling of this algebra on this machine (its matmul FLOPs at 100% of the fastest dense matmul "
-          f"of the dtype, elementwise work free): fp32 {ceiling[torch.float32]:.1f}x, bf16 {ceiling[bf]:.1f}x "
-          f"the fp32 loop.")
+          f"of the dtype, elementwise work free): {ceilings(ceiling)} the fp32 loop.")
     if rows:  # what any implementation that computes W_x x_k with this matmul can reach
         share = 100 * sum(rows) * 2 * D * 2 * D / fl
-        bound = {dt: med[f"projections {dt}"] / (n_img * n_cap) * 1e3 for dt in (torch.float32, bf)}
+        bound = {dt: med[f"projections {dt}"] / (n_img * n_cap) * 1e3 for dt in args.dtypes}
+        each = ", ".join(f"{NAMES[dt]} {ms:.3f} ms/pair ({loop_ms / ms:.1f}x the loop)" for dt, ms in bound.items())
         print(f"The per-pair projections alone (W_x x_k for k = 1..K-2 of every pair: {share:.0f}% of these matmul "
               f"FLOPs, the only width-d work per pair that the algebra leaves), at this block's shapes, in the same "
-              f"rounds, through the backend auto picks: fp32 {bound[torch.float32]:.3f} ms/pair "
-              f"({loop_ms / bound[torch.float32]:.1f}x the loop), bf16 {bound[bf]:.3f} ms/pair "
-              f"({loop_ms / bound[bf]:.1f}x): the most any path could reach if all the rest of scoring were free.")
+              f"rounds, through the backend auto picks: {each}: the most any path could reach if all the rest of "
+              f"scoring were free.")
 
 
 # ------------------------------------------------------------------ training step
@@ -373,14 +390,14 @@ def training(args) -> None:
     torch.manual_seed(0)
     model = IMRAM(paper_config())
     batch = train_batch(args.batch)
-    paths = [p for p, v in TRAIN_PATHS.items() if v[2] == "torch" or kernels.onednn_available()]
+    paths = [p for p, v in TRAIN_PATHS.items()
+             if (v[2] == "torch" or kernels.onednn_available()) and (v[0] or torch.float32) in args.dtypes]
     steps = {p: make_step(p, model, batch) for p in paths}
     losses = {p: s() for p, s in steps.items()}  # from the same weights: the first losses agree
     for p, v in losses.items():
         tol = 1e-3 if TRAIN_PATHS[p][0] is None else 0.05 * abs(losses["loop fp32"]) + 0.1
         assert abs(v - losses["loop fp32"]) <= tol, f"{p}: first-step loss {v} vs loop {losses['loop fp32']}"
-    bf = torch.bfloat16
-    med = interleaved({**steps, **dense_matmuls()}, args.train_rounds, untimed=1)
+    med = interleaved({**steps, **dense_matmuls(args.dtypes)}, args.train_rounds, untimed=1)
     rate = matmul_rates(med)
     rate[None] = rate[torch.float32]
     # useful FLOPs: scoring forward x 3 (backward costs two matmuls per forward matmul); encoders
@@ -401,10 +418,10 @@ def training(args) -> None:
         auto = auto_mark(ac or torch.float32, kern, matmul)
         print(f"| {p}{auto} | {med[p]:.2f} | {loop_s / med[p]:.1f}x | {fl / med[p] / 1e9:.0f} | "
               f"{100 * fl / med[p] / 1e9 / rate[ac]:.0f}% |", flush=True)
-    ceiling = {dt: loop_s / (fl / (rate[dt] * 1e9)) for dt in (torch.float32, bf)}
+    ceiling = {dt: loop_s / (fl / (rate[dt] * 1e9)) for dt in args.dtypes}
     print(f"\nCeiling on this machine (the scoring matmuls, forward and backward, at 100% of the fastest dense "
-          f"matmul of the dtype; encoders, elementwise work and the optimizer free): fp32 "
-          f"{ceiling[torch.float32]:.1f}x, bf16 {ceiling[bf]:.1f}x the fp32 loop's step.")
+          f"matmul of the dtype; encoders, elementwise work and the optimizer free): {ceilings(ceiling)} the fp32 "
+          f"loop's step.")
     if args.no_memory:
         return
     print("\nPeak RSS of one training step per path (fresh process each, second step):\n")
@@ -412,6 +429,22 @@ def training(args) -> None:
     print("|---|---|")
     for p in paths:
         print(f"| {p} | {train_memory(p, args.batch)['peak_gib']:.2f} |", flush=True)
+
+
+def bench_dtypes(spec: str) -> list[torch.dtype]:
+    """The dtypes of --dtypes; fp32 always (the loop baseline and the ceilings are fp32's)."""
+    if spec == "auto":
+        if kernels.cpu_bf16_matmul_native():
+            return [torch.float32, torch.bfloat16]
+        print("bf16 paths left out: torch has no bf16 matmul on this CPU and would emulate it (see "
+              "kernels.cpu_bf16_matmul_native); --dtypes fp32,bf16 runs them anyway")
+        return [torch.float32]
+    by_name = {v: k for k, v in NAMES.items()}
+    try:
+        chosen = {by_name[name] for name in spec.split(",")}
+    except KeyError:
+        raise SystemExit(f"--dtypes: expected fp32, bf16 or fp32,bf16, got {spec!r}") from None
+    return [dt for dt in NAMES if dt in chosen | {torch.float32}]
 
 
 def main() -> None:
@@ -425,6 +458,8 @@ def main() -> None:
     ap.add_argument("--no-train", action="store_true", help="scoring only")
     ap.add_argument("--no-score", action="store_true", help="training step only")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-path peak-RSS subprocesses")
+    ap.add_argument("--dtypes", default="auto",
+                    help="fp32, bf16 or fp32,bf16 (default auto: bf16 only where torch has a bf16 matmul on this CPU)")
     ap.add_argument("--_train-memory", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -436,6 +471,7 @@ def main() -> None:
     args.train_rounds = args.train_rounds or (2 if args.quick else 3)
     load0 = os.getloadavg()
     print(f"{machine()}\nload average at start: {load0[0]:.1f} (1 min), {load0[1]:.1f} (5 min)")
+    args.dtypes = bench_dtypes(args.dtypes)
     if not args.no_score:
         scoring(args)
     if not args.no_train:
