@@ -118,7 +118,7 @@ def scoring(args, device: torch.device) -> None:
     fl = bm.fast_flops(args.mode, n_img, lengths, cap.shape[1])
     rate = rates(med, mm_fl, device)
     loop_ms = med["loop"] / (n_img * n_loop_cap) * 1e3
-    print(f"\n## Scoring, {args.mode} IMRAM: {n_img} images x {n_cap} captions (mean length "
+    print(f"\n## Scoring, {args.mode} IMRAM, d={bm.D}: {n_img} images x {n_cap} captions (mean length "
           f"{lengths.float().mean():.1f}) per call; loop on {n_img} x {n_loop_cap}; medians of {args.rounds} "
           f"interleaved rounds; dense matmul [{args.mm_rows} x {bm.D}] @ [{bm.D} x {2 * bm.D}] in the same "
           f"rounds: {describe(rate)}; first calls (fused: compile) {compile_s:.0f} s\n")
@@ -207,7 +207,7 @@ def training(args, device: torch.device) -> None:
     rate = rates(med, mm_fl, device)
     fl = 3 * bm.fast_flops("full", args.batch, lengths, int(lengths.max()))  # forward + 2x backward
     loop_s = med["loop fp32"]
-    print(f"\n## Training step, full IMRAM, batch {args.batch} ({args.batch ** 2} pairs; encoders, hinge loss, "
+    print(f"\n## Training step, full IMRAM, d={bm.D}, batch {args.batch} ({args.batch ** 2} pairs; encoders, hinge loss, "
           f"backward, clip 2.0, Adam); medians of {args.train_rounds} interleaved rounds, each timed step "
           f"right after an untimed step of the same path; dense matmul in the same rounds: {describe(rate)}; "
           f"first steps (fused: compile) {first_s:.0f} s\n")
@@ -240,6 +240,8 @@ def main() -> None:
     ap.add_argument("--score-memory-mb", type=float, default=8192.0, help="model.score_memory_mb")
     ap.add_argument("--mm-rows", type=int, default=32768, help="rows of the dense reference matmul")
     ap.add_argument("--mm-repeat", type=int, default=10, help="reference matmuls per timed call")
+    ap.add_argument("--width", type=int, default=bm.D, help=f"embedding width d (default the paper's {bm.D}; "
+                    "256 with --quick)")
     ap.add_argument("--no-train", action="store_true", help="scoring only")
     ap.add_argument("--no-score", action="store_true", help="training step only")
     args = ap.parse_args()
@@ -250,6 +252,11 @@ def main() -> None:
     if args.quick:
         args.rounds, args.train_rounds, args.batch = 1, 1, 8
         args.images, args.captions, args.loop_captions, args.mm_rows, args.mm_repeat = 8, 16, 4, 2048, 1
+        # a narrow model keeps the dry run short on CPUs where torch emulates bf16 matmuls (AVX2 only:
+        # hundreds of times slower than fp32); every path and kernel still runs
+        args.width = 256 if args.width == bm.D else args.width
+    # bench_model's helpers (model config, embeddings, FLOP counts, auto marks) read its module's D
+    bm.D = args.width
     # fp32 means IEEE fp32 here: TF32 matmuls (and cuDNN's TF32 GRU) would make it another precision
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

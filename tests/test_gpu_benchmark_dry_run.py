@@ -31,7 +31,8 @@ def test_gpu_benchmark_dry_run_on_cpu_times_every_path_against_the_loop():
     assert set(scoring) == {"per-caption loop, fp32", "fp32 eager", "fp32 fused", "bf16 eager", "bf16 fused"}
     for path, cells in scoring.items():
         ms, pairs_per_s, speedup = float(cells[0]), float(cells[1].replace(",", "")), cells[2]
-        assert ms > 0 and abs(pairs_per_s * ms / 1e3 - 1) < 0.01, (path, cells)  # pairs/s is 1 / (s/pair)
+        # pairs/s is 1 / (s/pair), printed to the unit: on a CPU that emulates bf16 it can be ~40
+        assert ms > 0 and abs(pairs_per_s - 1e3 / ms) <= 0.5 + 1e-3 * pairs_per_s, (path, cells)
         assert re.fullmatch(r"\d+\.\dx", speedup), (path, cells)
         if path != "per-caption loop, fp32":
             assert float(cells[-1]) < (1e-3 if path.startswith("fp32") else 0.1), (path, cells)
