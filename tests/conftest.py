@@ -44,6 +44,15 @@ os.environ.update(AWS_ENDPOINT_URL=S3_URL, AWS_ACCESS_KEY_ID="testing", AWS_SECR
                   AWS_DEFAULT_REGION="us-east-1")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that starts Ray (the session's cluster, or the hand-started nodes of
+    test_zz_cluster_jobs.py) goes to one xdist worker as one group, in file order, so the session
+    still starts one cluster and the Ray tests never compete for it (pyproject.toml: -n 2)."""
+    for item in items:
+        if {"ray_cluster", "hand_cluster"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 @pytest.fixture(autouse=True)
 def isolated_mlflow_uris() -> Iterator[None]:
     """mlflow.set_tracking_uri / set_registry_uri change module globals and also export
