@@ -45,16 +45,12 @@ os.environ.update(AWS_ENDPOINT_URL=S3_URL, AWS_ACCESS_KEY_ID="testing", AWS_SECR
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test on the session's Ray cluster goes to one xdist worker as one group, in file
-    order, so the session still starts one cluster and those tests never compete for it
-    (pyproject.toml: -n 2). The hand-started two-node cluster of test_zz_cluster_jobs.py is a
-    group of its own: it shares nothing with the session's cluster, so it runs beside it."""
+    """Every test that starts Ray (the session's cluster, or the hand-started nodes of
+    test_zz_cluster_jobs.py) goes to one xdist worker as one group, in file order, so the session
+    still starts one cluster and the Ray tests never compete for it (pyproject.toml: -n 2)."""
     for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if "ray_cluster" in fixtures:
+        if {"ray_cluster", "hand_cluster"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.xdist_group("ray"))
-        elif "hand_cluster" in fixtures:
-            item.add_marker(pytest.mark.xdist_group("ray-nodes"))
 
 
 @pytest.fixture(autouse=True)
