@@ -8,7 +8,7 @@ written like the authors' code, all measured in the same run.
     python benchmarks/bench_model.py --dtypes fp32  # fp32 paths only
 
 bf16 paths run only where torch has a bf16 matmul on this CPU (kernels.cpu_bf16_matmul_native:
-AVX512 or AMX/AVX512-BF16); on an AVX2-only CPU torch emulates it hundreds of times slower than
+AVX512 or AMX/AVX512-BF16); on an AVX2-only CPU torch emulates it 10-300 times slower than
 fp32 and the run prints that it left them out (--dtypes fp32,bf16 runs them anyway).
 
 Prints the CPU model and its bf16 support, the load average, and tables:

@@ -253,7 +253,7 @@ def main() -> None:
         args.rounds, args.train_rounds, args.batch = 1, 1, 8
         args.images, args.captions, args.loop_captions, args.mm_rows, args.mm_repeat = 8, 16, 4, 2048, 1
         # a narrow model keeps the dry run short on CPUs where torch emulates bf16 matmuls (AVX2 only:
-        # hundreds of times slower than fp32); every path and kernel still runs
+        # 10-300 times slower than fp32); every path and kernel still runs
         args.width = 256 if args.width == bm.D else args.width
     # bench_model's helpers (model config, embeddings, FLOP counts, auto marks) read its module's D
     bm.D = args.width
