@@ -44,10 +44,13 @@ os.environ.update(AWS_ENDPOINT_URL=S3_URL, AWS_ACCESS_KEY_ID="testing", AWS_SECR
                   AWS_DEFAULT_REGION="us-east-1")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test that starts Ray (the session's cluster, or the hand-started nodes of
     test_zz_cluster_jobs.py) goes to one xdist worker as one group, in file order, so the session
-    still starts one cluster and the Ray tests never compete for it (pyproject.toml: -n 2)."""
+    still starts one cluster and the Ray tests never compete for it (pyproject.toml: -n 2).
+    The grouping goes by fixture name: a test that starts Ray some other way must use one of
+    these fixtures. claim_ray_for_this_worker() fails a run in which the grouping did not hold."""
     for item in items:
         if {"ray_cluster", "hand_cluster"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.xdist_group("ray"))
@@ -114,8 +117,26 @@ def s3_bucket(s3_endpoint: str) -> str:
     return name
 
 
+def claim_ray_for_this_worker(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Under xdist, fail unless every Ray test of this run is on one worker. The grouping above
+    can stop working without a word (pytest-xdist 3.8 with pytest 9.2, pytest-xdist#1386: every
+    worker then starts a cluster of its own on the same cores, and the suite is twice as slow)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return
+    owner = tmp_path_factory.getbasetemp().parent / "ray-worker"  # this run's folder, shared by its workers
+    try:
+        with open(owner, "x") as f:
+            f.write(worker)
+    except FileExistsError:
+        first = owner.read_text()
+        if first != worker:
+            pytest.fail(f"Ray tests run on xdist workers {first} and {worker}: the xdist_group marks of "
+                        "conftest.py did not take effect (check the pytest and pytest-xdist versions)")
+
+
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """One local Ray cluster for the whole session (ray.init costs seconds). Always a new one,
     never a `ray start` cluster that happens to run on this machine; RAY_ADDRESS points at it
     while the session runs, so CLI subprocesses of the tests join it too. It offers
@@ -125,6 +146,7 @@ def ray_cluster() -> Iterator[None]:
 
     from imram_dist.train.driver import start_local_ray
 
+    claim_ray_for_this_worker(tmp_path_factory)
     saved = os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         start_local_ray(num_cpus=4, resources={"trial_driver": 1.0}, dashboard=True)

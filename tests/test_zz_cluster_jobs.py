@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import claim_ray_for_this_worker, free_port
 from train_helpers import TINY, as_cli
 
 pytestmark = pytest.mark.slow
@@ -102,6 +102,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 @pytest.fixture(scope="module")
 def hand_cluster(tmp_path_factory) -> Iterator[dict]:
+    claim_ray_for_this_worker(tmp_path_factory)
     base = tmp_path_factory.mktemp("hand_cluster")
     # Short paths: Ray's unix sockets live under them (limit ~107 characters). One per node, as
     # on separate machines: nodes sharing a temp dir share runtime_resources/, and the worker
