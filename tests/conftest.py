@@ -44,16 +44,24 @@ os.environ.update(AWS_ENDPOINT_URL=S3_URL, AWS_ACCESS_KEY_ID="testing", AWS_SECR
                   AWS_DEFAULT_REGION="us-east-1")
 
 
+# The xdist group of the tests on each fixture that starts Ray.
+RAY_GROUPS = {"ray_cluster": "ray", "hand_cluster": "ray-nodes"}
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test that starts Ray (the session's cluster, or the hand-started nodes of
-    test_zz_cluster_jobs.py) goes to one xdist worker as one group, in file order, so the session
-    still starts one cluster and the Ray tests never compete for it (pyproject.toml: -n 2).
+    """Every test on the session's Ray cluster goes to one xdist worker as one group, in file
+    order, so the session still starts one cluster and those tests never compete for it
+    (pyproject.toml: -n 2). The hand-started two-node cluster of test_zz_cluster_jobs.py is a
+    group of its own: it shares nothing with the session's cluster, so it may run beside it.
     The grouping goes by fixture name: a test that starts Ray some other way must use one of
     these fixtures. claim_ray_for_this_worker() fails a run in which the grouping did not hold."""
     for item in items:
-        if {"ray_cluster", "hand_cluster"} & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+        fixtures = set(getattr(item, "fixturenames", ()))
+        for fixture, group in RAY_GROUPS.items():
+            if fixture in fixtures:
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
 
 
 @pytest.fixture(autouse=True)
@@ -117,21 +125,22 @@ def s3_bucket(s3_endpoint: str) -> str:
     return name
 
 
-def claim_ray_for_this_worker(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Under xdist, fail unless every Ray test of this run is on one worker. The grouping above
+def claim_ray_for_this_worker(tmp_path_factory: pytest.TempPathFactory, fixture: str) -> None:
+    """Under xdist, fail unless every test on this Ray fixture runs on one worker. The grouping above
     can stop working without a word (pytest-xdist 3.8 with pytest 9.2, pytest-xdist#1386: every
     worker then starts a cluster of its own on the same cores, and the suite is twice as slow)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker is None:
         return
-    owner = tmp_path_factory.getbasetemp().parent / "ray-worker"  # this run's folder, shared by its workers
+    group = RAY_GROUPS[fixture]
+    owner = tmp_path_factory.getbasetemp().parent / f"{group}-worker"  # this run's folder, shared by its workers
     try:
         with open(owner, "x") as f:
             f.write(worker)
     except FileExistsError:
         first = owner.read_text()
         if first != worker:
-            pytest.fail(f"Ray tests run on xdist workers {first} and {worker}: the xdist_group marks of "
+            pytest.fail(f"tests on {fixture} run on xdist workers {first} and {worker}: the xdist_group marks of "
                         "conftest.py did not take effect (check the pytest and pytest-xdist versions)")
 
 
@@ -146,7 +155,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
     from imram_dist.train.driver import start_local_ray
 
-    claim_ray_for_this_worker(tmp_path_factory)
+    claim_ray_for_this_worker(tmp_path_factory, "ray_cluster")
     saved = os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         start_local_ray(num_cpus=4, resources={"trial_driver": 1.0}, dashboard=True)

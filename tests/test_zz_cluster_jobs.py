@@ -102,7 +102,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 @pytest.fixture(scope="module")
 def hand_cluster(tmp_path_factory) -> Iterator[dict]:
-    claim_ray_for_this_worker(tmp_path_factory)
+    claim_ray_for_this_worker(tmp_path_factory, "hand_cluster")
     base = tmp_path_factory.mktemp("hand_cluster")
     # Short paths: Ray's unix sockets live under them (limit ~107 characters). One per node, as
     # on separate machines: nodes sharing a temp dir share runtime_resources/, and the worker
