@@ -71,9 +71,9 @@ class ModelConfig:
     smaller CPU fp32 models, where the compile would dominate)."""
     fp32_matmul: Literal["auto", "torch", "onednn"] = "auto"
     """Backend of the MDU projection matmuls (the per-pair one is most of the FLOPs) when scoring in fp32
-    on CPU: torch (MKL on x86), onednn, or auto (oneDNN on x86 CPUs not made by Intel, where MKL's sgemm
-    runs its AVX2 code at about half the rate; torch's everywhere else). Other dtypes and GPUs always use
-    torch's."""
+    on CPU: torch (MKL on x86), onednn, or auto (oneDNN on x86 CPUs with AVX-512 not made by Intel, where
+    MKL's sgemm runs its AVX2 code at about half the rate; torch's everywhere else, AVX2-only CPUs
+    included). Other dtypes and GPUs always use torch's."""
 
 
 @dataclass

@@ -26,6 +26,15 @@ os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="imram-test-torch-e
 atexit.register(shutil.rmtree, os.environ["TORCH_EXTENSIONS_DIR"], ignore_errors=True)
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two xdist workers on a machine with few cores: torch's default of one thread per core would
+    # have the model tests' OpenMP threads spin against the Ray processes of the other worker (whose
+    # group is the suite's critical path); Ray's own workers default to one thread each anyway.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

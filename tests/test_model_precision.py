@@ -194,7 +194,7 @@ def test_kernel_choice():
     assert kernels.select("auto", cpu, torch.float32, width=wide) is fused
     assert kernels.select("auto", cpu, torch.float32, width=wide - 1) is kernels.EAGER
     assert IMRAM(ModelConfig(vocab_size=10, embed_size=wide, image_dim=8, word_dim=4)).kernels_for(
-        cpu, torch.float32).gate is fused.gate  # (the fp32 matmul backend depends on the CPU's vendor)
+        cpu, torch.float32).gate is fused.gate  # (the fp32 matmul backend depends on the CPU: vendor, AVX-512)
     assert IMRAM(ModelConfig(vocab_size=10, embed_size=wide - 1, image_dim=8, word_dim=4)).kernels_for(
         cpu, torch.float32, grad=True).gate is kernels.gate_eager
     compiled = IMRAM(ModelConfig(vocab_size=10, embed_size=wide, image_dim=8, word_dim=4, compile_scoring=True))
@@ -310,20 +310,37 @@ def test_fused_bf16_is_at_least_as_accurate_as_eager_bf16(encoded):
 
 # ----------------------------------------------------------------------------- oneDNN fp32 matmul
 
-def test_auto_matmul_takes_onednn_for_fp32_on_x86_cpus_not_made_by_intel(monkeypatch):
+def test_auto_matmul_takes_onednn_for_fp32_on_avx512_x86_cpus_not_made_by_intel(monkeypatch):
     cpu = torch.device("cpu")
     assert kernels.onednn_available()  # the CPU build of torch the project installs has it
-    for vendor, want in (("AuthenticAMD", "onednn"), ("HygonGenuine", "onednn"), ("GenuineIntel", "torch"),
-                         ("", "torch")):
+    for vendor, avx512, want in (("AuthenticAMD", True, "onednn"), ("HygonGenuine", True, "onednn"),
+                                 ("AuthenticAMD", False, "torch"), ("GenuineIntel", True, "torch"),
+                                 ("GenuineIntel", False, "torch"), ("", True, "torch")):
         monkeypatch.setattr(kernels, "cpu_vendor", lambda v=vendor: v)
-        assert kernels.matmul_choice(cpu, torch.float32) == want, vendor
+        monkeypatch.setattr(kernels, "cpu_has_avx512", lambda a=avx512: a)
+        assert kernels.matmul_choice(cpu, torch.float32) == want, (vendor, avx512)
         assert kernels.matmul_choice(cpu, torch.bfloat16) == "torch"
         assert kernels.matmul_choice(cpu, torch.float64) == "torch"
         assert kernels.matmul_choice(torch.device("cuda"), torch.float32) == "torch"
     monkeypatch.setattr(kernels, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(kernels, "cpu_has_avx512", lambda: True)
     model = make(fp32_matmul="auto")
     assert model.kernels_for(cpu, torch.float32).linear is kernels.linear_onednn
     assert model.kernels_for(cpu, torch.bfloat16).linear is kernels.linear_torch
+    monkeypatch.setattr(kernels, "cpu_has_avx512", lambda: False)
+    assert model.kernels_for(cpu, torch.float32).linear is kernels.linear_torch
+
+
+def test_avx512_comes_from_the_cpu_flags(monkeypatch):
+    kernels.cpu_has_avx512.cache_clear()
+    try:
+        monkeypatch.setattr(kernels, "cpu_info", lambda field: "fpu avx2 avx512f avx512bw" if field == "flags" else "")
+        assert kernels.cpu_has_avx512()
+        kernels.cpu_has_avx512.cache_clear()
+        monkeypatch.setattr(kernels, "cpu_info", lambda field: "fpu avx2 avx512_bf16x" if field == "flags" else "")
+        assert not kernels.cpu_has_avx512()
+    finally:
+        kernels.cpu_has_avx512.cache_clear()
 
 
 @pytest.mark.parametrize("kern", ["eager", "fused"])

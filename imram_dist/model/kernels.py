@@ -338,12 +338,20 @@ def slow_bf16_note(device: torch.device) -> str | None:
             "reference loops, tens to hundreds of times slower than fp32: use fp32 on this machine")
 
 
+@functools.cache
+def cpu_has_avx512() -> bool:
+    """Whether this CPU reports AVX-512 (the avx512f flag of /proc/cpuinfo)."""
+    return "avx512f" in cpu_info("flags").split()
+
+
 def matmul_choice(device: torch.device, dtype: torch.dtype) -> str:
-    """The backend "auto" picks for the per-pair projection: oneDNN for CPU fp32 on x86 CPUs other
-    than Intel's (where MKL's sgemm runs its AVX2 code), torch's matmul everywhere else (bf16/fp16 on
-    CPU already go to oneDNN inside torch; fp64 has no oneDNN path)."""
+    """The backend "auto" picks for the per-pair projection: oneDNN for CPU fp32 on x86 CPUs with
+    AVX-512 that are not Intel's (MKL's sgemm runs its AVX2 code there, oneDNN its AVX-512 code),
+    torch's matmul everywhere else: on Intel CPUs, on AVX2-only CPUs (where both run AVX2 code and
+    MKL was the faster, docs/model.md), for bf16/fp16 on CPU (already oneDNN inside torch), for fp64
+    (no oneDNN path) and on GPUs."""
     if device.type == "cpu" and dtype == torch.float32 and cpu_vendor() not in ("", "GenuineIntel") \
-            and onednn_available():
+            and cpu_has_avx512() and onednn_available():
         return "onednn"
     return "torch"
 
