@@ -400,13 +400,18 @@ def test_projection_matches_one_torch_matmul_with_gradients(linear, rows, monkey
                 torch.testing.assert_close(linear(x, weight, b), want.detach(), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("pieces", [True, False], ids=["pieces", "one-matmul"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_weight_gradient_in_pieces_is_as_accurate_as_one_matmul(dtype, monkeypatch):
-    """In half precision the projection's weight gradient is summed over 8-row pieces (37 rows: four
-    whole pieces and a tail of 5) in fp32, each piece's x^T copied contiguous: against the fp64
-    product it must be as close as one half-precision matmul of the whole, i.e. within a few roundings
-    of the result."""
+def test_half_precision_weight_gradient_in_pieces_is_as_accurate_as_one_matmul(dtype, pieces, monkeypatch):
+    """In half precision on AMX CPUs the projection's weight gradient is summed over 8-row pieces (37
+    rows: four whole pieces and a tail of 5) in fp32, each piece's x^T copied contiguous; elsewhere it
+    is one matmul. Against the fp64 product either must be as close as one half-precision matmul of
+    the whole, i.e. within a few roundings of the result."""
     monkeypatch.setattr(kernels, "ROW_CHUNK", 8)
+    monkeypatch.setattr(kernels, "half_weight_grad_in_pieces", lambda: pieces)
+    calls = []
+    real_mm = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: calls.append(a.shape) or real_mm(a, b))
     g = torch.Generator().manual_seed(5)
     x64, up64 = torch.randn(37, 32, generator=g, dtype=torch.float64), torch.randn(37, 48, generator=g, dtype=torch.float64)
     x, up = x64.to(dtype), up64.to(dtype)
@@ -418,6 +423,22 @@ def test_half_precision_weight_gradient_in_pieces_is_as_accurate_as_one_matmul(d
     err, err_whole = float((weight.grad.double() - exact).abs().max()), float((whole - exact).abs().max())
     assert weight.grad.dtype == dtype and weight.grad.shape == (48, 32)
     assert err <= max(2 * err_whole, SPACING[dtype] * scale), (err, err_whole, scale)
+    # the weight gradient's matmuls (the input gradient runs through torch.mm): five pieces or one
+    wgrad = [c for c in calls if c[0] == 32]
+    assert wgrad == ([(32, 8)] * 4 + [(32, 5)] if pieces else [(32, 37)]), calls
+
+
+def test_half_weight_gradient_pieces_only_on_amx_cpus(monkeypatch):
+    """The rule behind half_weight_grad_in_pieces: the amx_bf16 flag, not AVX512-BF16."""
+    kernels.cpu_has_amx.cache_clear()
+    try:
+        for flags, want in (("fpu avx512f avx512_bf16 amx_bf16 amx_tile", True),
+                            ("fpu avx512f avx512_bf16", False), ("fpu avx2", False)):
+            kernels.cpu_has_amx.cache_clear()
+            monkeypatch.setattr(kernels, "cpu_info", lambda field, f=flags: f if field == "flags" else "")
+            assert kernels.half_weight_grad_in_pieces() is want, flags
+    finally:
+        kernels.cpu_has_amx.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

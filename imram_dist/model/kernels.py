@@ -236,18 +236,34 @@ def _by_rows(backend: str, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tenso
     return out
 
 
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU reports AMX for bf16 (the amx_bf16 flag of /proc/cpuinfo)."""
+    return "amx_bf16" in cpu_info("flags").split()
+
+
+def half_weight_grad_in_pieces() -> bool:
+    """Whether the half-precision weight gradient runs in row pieces (_weight_grad): on CPUs with
+    AMX, where oneDNN repacks a transposed input slowly. Elsewhere one matmul was the faster."""
+    return cpu_has_amx()
+
+
 def _weight_grad(backend: str, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """grad^T @ x (CPU), computed as its transpose x^T @ grad: both backends copy or repack a
-    transposed input, and x^T is half the size of grad^T. In half precision, ROW_CHUNK rows at a
-    time, each piece of x^T copied to a contiguous matrix while it is in cache, the pieces summed in
-    fp32. Measured on the AMX Xeon of the README's run, for [36,864 x 2,048]^T @ [36,864 x 1,024]
-    (the image direction's projection at batch 32), in one bf16 run: 125 ms in pieces, 166 as one
-    x^T @ grad, 176 as grad^T @ x, 152 in pieces transposed by an inductor kernel (which alone copied
-    a piece in 0.8 ms against torch's 3.2); in one fp32 run: 377 ms as one x^T @ grad, 420 in
-    pieces, 426 as grad^T @ x."""
+    transposed input, and x^T is half the size of grad^T. In half precision on AMX CPUs, ROW_CHUNK
+    rows at a time, each piece of x^T copied to a contiguous matrix while it is in cache, the
+    pieces' (half-precision) products summed in fp32. Measured on the AMX Xeon of the README's run,
+    for [36,864 x 2,048]^T @ [36,864 x 1,024] (the image direction's projection at batch 32), in one
+    bf16 run: 125 ms in pieces, 166 as one x^T @ grad, 176 as grad^T @ x, 152 in pieces transposed
+    by an inductor kernel (which alone copied a piece in 0.8 ms against torch's 3.2); in one fp32
+    run: 377 ms as one x^T @ grad, 420 in pieces, 426 as grad^T @ x. On the Zen 4 EPYC of
+    docs/model.md (AVX512-BF16, no AMX), bf16, medians of 7: one x^T @ grad 382 ms, in pieces 429
+    (at 25,184 rows 261 against 289), and one matmul rounds its result to bf16 once instead of once
+    per piece (max error against fp64 1.9e-3 against 3.2e-3 of the largest entry)."""
     if backend == "onednn":
         return onednn_linear(x.t(), grad.t()).t()
-    if x.dtype not in (torch.bfloat16, torch.float16) or x.shape[0] <= ROW_CHUNK:
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.shape[0] <= ROW_CHUNK \
+            or not half_weight_grad_in_pieces():
         return (x.t() @ grad).t()
     acc = torch.zeros(x.shape[1], grad.shape[1], dtype=torch.float32, device=x.device)
     for i in range(0, x.shape[0], ROW_CHUNK):
@@ -258,7 +274,7 @@ def _weight_grad(backend: str, x: torch.Tensor, grad: torch.Tensor) -> torch.Ten
 class _Linear(torch.autograd.Function):
     """x @ weight.t() + bias (weight: [out, in]) with the forward and the input gradient in row chunks,
     all three matmuls in one backend. The weight gradient's reduction runs over the rows, which
-    showed no slow row counts; it is one matmul, except in half precision (see _weight_grad)."""
+    showed no slow row counts; it is one matmul, except in half precision on AMX (see _weight_grad)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, backend):  # type: ignore[override]
