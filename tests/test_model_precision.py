@@ -430,15 +430,14 @@ def test_half_precision_weight_gradient_in_pieces_is_as_accurate_as_one_matmul(d
 
 def test_half_weight_gradient_pieces_only_on_amx_cpus(monkeypatch):
     """The rule behind half_weight_grad_in_pieces: the amx_bf16 flag, not AVX512-BF16."""
-    kernels.cpu_has_amx.cache_clear()
     try:
         for flags, want in (("fpu avx512f avx512_bf16 amx_bf16 amx_tile", True),
                             ("fpu avx512f avx512_bf16", False), ("fpu avx2", False)):
-            kernels.cpu_has_amx.cache_clear()
+            kernels.half_weight_grad_in_pieces.cache_clear()
             monkeypatch.setattr(kernels, "cpu_info", lambda field, f=flags: f if field == "flags" else "")
             assert kernels.half_weight_grad_in_pieces() is want, flags
     finally:
-        kernels.cpu_has_amx.cache_clear()
+        kernels.half_weight_grad_in_pieces.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -237,15 +237,11 @@ def _by_rows(backend: str, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tenso
 
 
 @functools.cache
-def cpu_has_amx() -> bool:
-    """Whether this CPU reports AMX for bf16 (the amx_bf16 flag of /proc/cpuinfo)."""
-    return "amx_bf16" in cpu_info("flags").split()
-
-
 def half_weight_grad_in_pieces() -> bool:
     """Whether the half-precision weight gradient runs in row pieces (_weight_grad): on CPUs with
-    AMX, where oneDNN repacks a transposed input slowly. Elsewhere one matmul was the faster."""
-    return cpu_has_amx()
+    AMX (the amx_bf16 flag of /proc/cpuinfo), where oneDNN repacks a transposed input slowly.
+    Elsewhere one matmul was the faster."""
+    return "amx_bf16" in cpu_info("flags").split()
 
 
 def _weight_grad(backend: str, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
